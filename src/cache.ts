@@ -1,0 +1,349 @@
+/**
+ * The content-addressed blob cache, laid out as an OCI image layout
+ * (`oci-layout`, `index.json`, `blobs/sha256/<hex>`) so that skopeo, umoci
+ * and crane can read it, and `stage` can read theirs.
+ *
+ * Writes go to a file under `ingest/` and are renamed into `blobs/` only
+ * after the size and digest checks pass, so a crash never leaves a partial
+ * blob under its final name. A download interrupted by a crash leaves
+ * `ingest/<hex>.partial`, which the next fetch of that blob resumes. Several
+ * processes may share one cache: the first to take `ingest/<hex>.lock`
+ * resumes the partial file, the others download into private files, and
+ * whoever finishes first renames; the content is identical either way.
+ *
+ * @module
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import * as os from "node:os";
+import { checkContent, createSha256, type Digest, type HasherBackend, parseDigest, type Sha256 } from "./digest.ts";
+import { DigestMismatchError } from "./errors.ts";
+
+/** A content descriptor as in the OCI image spec. */
+export interface BlobDescriptor {
+  mediaType?: string;
+  digest: Digest;
+  size: number;
+  annotations?: Record<string, string>;
+  platform?: { os: string; architecture: string; variant?: string };
+}
+
+/** Where a download resumes: the bytes already on disk and their running hash. */
+export interface ResumePoint {
+  offset: number;
+  hash: Sha256;
+}
+
+/**
+ * Supplies the content of a blob from `resume.offset` onwards. The producer
+ * must feed every chunk to `resume.hash` (already fed the first `offset`
+ * bytes) and error its stream when the final size or digest is wrong: the
+ * registry client's `openBlob` does both. The cache itself checks the size.
+ */
+export type BlobProducer = (resume: ResumePoint) => Promise<ReadableStream<Uint8Array>> | ReadableStream<Uint8Array>;
+
+/** Return the default cache directory: `$OCISTAGE_CACHE`, `$XDG_CACHE_HOME/ocistage` or `~/.cache/ocistage`. */
+export function defaultCacheDir(): string {
+  const env = globalThis.process?.env ?? {};
+  if (env.OCISTAGE_CACHE) return env.OCISTAGE_CACHE;
+  if (env.XDG_CACHE_HOME) return path.join(env.XDG_CACHE_HOME, "ocistage");
+  return path.join(os.homedir(), ".cache", "ocistage");
+}
+
+const LAYOUT_FILE = JSON.stringify({ imageLayoutVersion: "1.0.0" });
+const REF_NAME = "org.opencontainers.image.ref.name";
+
+/** Options of {@link BlobCache}. */
+export interface BlobCacheOptions {
+  /** sha256 backend for verification (default "auto"). */
+  hasher?: HasherBackend;
+}
+
+/** A content-addressed store of blobs in an OCI image layout directory. */
+export class BlobCache {
+  /** The layout's root directory. */
+  readonly dir: string;
+  readonly #hasher: HasherBackend;
+
+  /** Open (and create when missing) the layout at `dir`. */
+  constructor(dir: string = defaultCacheDir(), options: BlobCacheOptions = {}) {
+    this.dir = path.resolve(dir);
+    this.#hasher = options.hasher ?? "auto";
+    try {
+      fs.mkdirSync(path.join(this.dir, "blobs", "sha256"), { recursive: true });
+      fs.mkdirSync(path.join(this.dir, "ingest"), { recursive: true });
+    } catch (error) {
+      throw new Error(
+        `cannot create cache directory "${this.dir}": pass a writable directory with --cache or OCISTAGE_CACHE`,
+        { cause: error },
+      );
+    }
+    const layoutFile = path.join(this.dir, "oci-layout");
+    if (!fs.existsSync(layoutFile)) writeFileAtomic(layoutFile, LAYOUT_FILE);
+    const indexFile = path.join(this.dir, "index.json");
+    if (!fs.existsSync(indexFile)) writeFileAtomic(indexFile, indexJson([]));
+  }
+
+  /** Return the path a blob has (or would have) in the layout. */
+  blobPath(digest: Digest): string {
+    return path.join(this.dir, "blobs", "sha256", parseDigest(digest).slice("sha256:".length));
+  }
+
+  /** Return true when the blob is present with the expected size (content is verified when read). */
+  has(digest: Digest, size?: number): boolean {
+    try {
+      const stat = fs.statSync(this.blobPath(digest));
+      return stat.isFile() && (size === undefined || stat.size === size);
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Read a whole blob into memory and verify it. Meant for manifests and configs.
+   *
+   * @throws {DigestMismatchError} when the stored content is corrupt; the corrupt file is removed.
+   */
+  async readBytes(digest: Digest, size?: number): Promise<Uint8Array> {
+    const file = this.blobPath(digest);
+    const bytes = new Uint8Array(fs.readFileSync(file));
+    const hash = await createSha256(this.#hasher);
+    hash.update(bytes);
+    this.#checkOrEvict(file, { digest, size, label: "cached blob" }, bytes.byteLength, hash.digest());
+    return bytes;
+  }
+
+  /**
+   * Open a stored blob as a stream that verifies size and digest at its end.
+   * A corrupt file is removed from the cache before the stream errors, so the
+   * next fetch downloads it again.
+   */
+  async openBlob(digest: Digest, size?: number): Promise<ReadableStream<Uint8Array>> {
+    const file = this.blobPath(digest);
+    const handle = await fs.promises.open(file, "r");
+    const hash = await createSha256(this.#hasher);
+    let received = 0;
+    const chunkSize = 1 << 20;
+    return new ReadableStream<Uint8Array>({
+      type: "bytes",
+      pull: async (controller) => {
+        const buffer = new Uint8Array(chunkSize);
+        const { bytesRead } = await handle.read(buffer, 0, chunkSize, null);
+        if (bytesRead === 0) {
+          await handle.close();
+          try {
+            this.#checkOrEvict(file, { digest, size, label: "cached blob" }, received, hash.digest());
+          } catch (error) {
+            controller.error(error);
+            return;
+          }
+          controller.close();
+          return;
+        }
+        const chunk = buffer.subarray(0, bytesRead);
+        received += bytesRead;
+        hash.update(chunk);
+        controller.enqueue(chunk);
+      },
+      cancel: async () => {
+        await handle.close();
+      },
+    });
+  }
+
+  #checkOrEvict(file: string, expect: { digest: Digest; size?: number; label: string }, received: number, actual: Digest): void {
+    try {
+      checkContent(expect, received, actual);
+    } catch (error) {
+      fs.rmSync(file, { force: true });
+      throw error;
+    }
+  }
+
+  /** Store a small blob (manifest, config) given in full, after checking its digest. */
+  async putBytes(descriptor: BlobDescriptor, bytes: Uint8Array): Promise<void> {
+    const hash = await createSha256(this.#hasher);
+    hash.update(bytes);
+    checkContent({ digest: descriptor.digest, size: descriptor.size, label: "blob" }, bytes.byteLength, hash.digest());
+    if (this.has(descriptor.digest, descriptor.size)) return;
+    const temp = this.#privateTemp(descriptor.digest);
+    fs.writeFileSync(temp, bytes);
+    fs.renameSync(temp, this.blobPath(descriptor.digest));
+  }
+
+  /**
+   * Store a blob from a stream, unless it is present already.
+   *
+   * `produce` gets the resume point: offset 0, or the end of a partial
+   * download of the same blob left by an interrupted fetch, with a hash that
+   * has seen those bytes (see {@link BlobProducer}).
+   *
+   * @returns true when the blob was downloaded, false when it was cached.
+   */
+  async ingest(descriptor: BlobDescriptor, produce: BlobProducer, onProgress?: (bytes: number) => void): Promise<boolean> {
+    const { digest, size } = descriptor;
+    if (this.has(digest, size)) return false;
+
+    const hex = parseDigest(digest).slice("sha256:".length);
+    const lock = path.join(this.dir, "ingest", `${hex}.lock`);
+    const owned = tryLock(lock);
+    const target = owned ? path.join(this.dir, "ingest", `${hex}.partial`) : this.#privateTemp(digest);
+    try {
+      const hash = await createSha256(this.#hasher);
+      let offset = owned ? this.#rehashPartial(target, hash, size) : 0;
+      const stream = await produce({ offset, hash });
+      const handle = fs.openSync(target, offset > 0 ? "a" : "w");
+      try {
+        for await (const chunk of stream) {
+          if (offset + chunk.byteLength > size) {
+            throw new DigestMismatchError(
+              `blob ${digest} is longer than the ${size} bytes its descriptor states: ` +
+                "the content is corrupt or the manifest is wrong",
+              digest,
+            );
+          }
+          writeAll(handle, chunk);
+          offset += chunk.byteLength;
+          onProgress?.(offset);
+        }
+      } finally {
+        fs.closeSync(handle);
+      }
+      if (offset !== size) {
+        throw new DigestMismatchError(
+          `blob ${digest} ended after ${offset} of ${size} bytes: retry the fetch`,
+          digest,
+        );
+      }
+      fs.renameSync(target, this.blobPath(digest));
+      return true;
+    } catch (error) {
+      // A private file cannot be resumed by anyone, so it goes. The shared
+      // partial file stays for the next attempt unless its content is wrong.
+      if (!owned || error instanceof DigestMismatchError) fs.rmSync(target, { force: true });
+      throw error;
+    } finally {
+      if (owned) fs.rmSync(lock, { force: true });
+    }
+  }
+
+  /** Hash the bytes of a partial download so the download can continue from its end. */
+  #rehashPartial(file: string, hash: Sha256, size: number): number {
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(file);
+    } catch {
+      return 0;
+    }
+    if (!stat.isFile() || stat.size === 0 || stat.size >= size) {
+      fs.rmSync(file, { force: true });
+      return 0;
+    }
+    const handle = fs.openSync(file, "r");
+    try {
+      const buffer = new Uint8Array(1 << 20);
+      let total = 0;
+      while (total < stat.size) {
+        const read = fs.readSync(handle, buffer, 0, Math.min(buffer.length, stat.size - total), total);
+        if (read === 0) break;
+        hash.update(buffer.subarray(0, read));
+        total += read;
+      }
+      return total;
+    } finally {
+      fs.closeSync(handle);
+    }
+  }
+
+  #privateTemp(digest: Digest): string {
+    const hex = digest.slice("sha256:".length);
+    const random = Math.random().toString(36).slice(2, 10);
+    return path.join(this.dir, "ingest", `${hex}.${globalThis.process?.pid ?? 0}.${random}.tmp`);
+  }
+
+  /** Return the descriptors listed in `index.json`. */
+  listManifests(): BlobDescriptor[] {
+    const text = fs.readFileSync(path.join(this.dir, "index.json"), "utf8");
+    const index = JSON.parse(text) as { manifests?: BlobDescriptor[] };
+    return Array.isArray(index.manifests) ? index.manifests : [];
+  }
+
+  /**
+   * Record a manifest in `index.json` under a reference name, replacing an
+   * earlier entry of the same name, so other OCI tools can find it as
+   * `oci:DIR:NAME`.
+   */
+  tagManifest(name: string, descriptor: BlobDescriptor): void {
+    const file = path.join(this.dir, "index.json");
+    const manifests = this.listManifests().filter((entry) => entry.annotations?.[REF_NAME] !== name);
+    manifests.push({
+      mediaType: descriptor.mediaType,
+      digest: descriptor.digest,
+      size: descriptor.size,
+      ...(descriptor.platform ? { platform: descriptor.platform } : {}),
+      annotations: { [REF_NAME]: name },
+    });
+    writeFileAtomic(file, indexJson(manifests));
+  }
+
+  /** Find the descriptor recorded under a reference name. */
+  findManifest(name: string): BlobDescriptor | undefined {
+    return this.listManifests().find((entry) => entry.annotations?.[REF_NAME] === name);
+  }
+}
+
+function indexJson(manifests: BlobDescriptor[]): string {
+  return JSON.stringify({ schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests }, null, 2) + "\n";
+}
+
+/** Write a small file so readers see either the old or the new content. */
+function writeFileAtomic(file: string, content: string): void {
+  const temp = `${file}.${globalThis.process?.pid ?? 0}.${Math.random().toString(36).slice(2, 10)}.tmp`;
+  fs.writeFileSync(temp, content);
+  fs.renameSync(temp, file);
+}
+
+function writeAll(handle: number, chunk: Uint8Array): void {
+  let written = 0;
+  while (written < chunk.byteLength) {
+    written += fs.writeSync(handle, chunk, written, chunk.byteLength - written);
+  }
+}
+
+/**
+ * Take a lock file, or take over one whose process has died. Returns false
+ * when another live process holds it.
+ */
+function tryLock(lock: string): boolean {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const handle = fs.openSync(lock, "wx");
+      fs.writeSync(handle, `${globalThis.process?.pid ?? 0}\n`);
+      fs.closeSync(handle);
+      return true;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
+      const pid = Number.parseInt(readOrEmpty(lock), 10);
+      if (Number.isInteger(pid) && pid > 0 && isAlive(pid)) return false;
+      fs.rmSync(lock, { force: true });
+    }
+  }
+  return false;
+}
+
+function readOrEmpty(file: string): string {
+  try {
+    return fs.readFileSync(file, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    globalThis.process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
