@@ -6,11 +6,13 @@
  * (`registry-url`, `image`, `track`, `ref`, `architecture`, `os`, `version`)
  * plus the keys BuildStream 2 allows on every source (`kind`, `directory`).
  *
- * Scalars are read the way BuildStream reads them: as strings, so
- * `track: 3.10` is the tag "3.10" and a `ref` made only of digits keeps its
- * leading zeros. A plain empty value, `~`, `null`, `Null` or `NULL` counts as
- * absent, and so does an empty string. Anchors and aliases are rejected, as
- * BuildStream's loader rejects them.
+ * Scalars are read the way BuildStream 2 reads them (`Representer` in its
+ * `_yaml.pyx`): as strings with surrounding whitespace removed, so
+ * `track: 3.10` is the tag "3.10", a `ref` made only of digits keeps its
+ * leading zeros, and `~` or `null` is a string, not a null. An empty value
+ * counts as absent. Anchors, aliases and tags outside the YAML core set are
+ * rejected, as BuildStream rejects them. Duplicate keys are rejected too,
+ * although BuildStream keeps the last value without a warning.
  *
  * @example
  * ```ts
@@ -31,11 +33,12 @@ import {
   LineCounter,
   type Node,
   type Pair,
-  parseDocument,
   type ParsedNode,
+  parseDocument,
   Scalar,
   visit,
   type YAMLMap,
+  type YAMLSeq,
 } from "yaml";
 import { ElementError } from "./errors.ts";
 
@@ -44,7 +47,7 @@ export const DEFAULT_REGISTRY_URL = "https://registry.hub.docker.com";
 
 /** One `kind: docker` source, validated. */
 export interface DockerSourceConfig {
-  /** Registry endpoint, as written; default {@link DEFAULT_REGISTRY_URL}. */
+  /** Registry endpoint, as written. Default: {@link DEFAULT_REGISTRY_URL}. */
   registryUrl: string;
   /** Repository path on the registry, such as "library/alpine". */
   image: string;
@@ -52,15 +55,15 @@ export interface DockerSourceConfig {
   track?: string;
   /** Manifest digest as 64 lowercase hex digits (no "sha256:" prefix), if set. */
   ref?: string;
-  /** Platform architecture override, such as "arm64"; absent means the host's. */
+  /** Platform architecture override, such as "arm64". When absent, the host's architecture applies. */
   architecture?: string;
-  /** Platform OS override, such as "linux"; absent means the host's. */
+  /** Platform OS override, such as "linux". When absent, the host's OS applies. */
   os?: string;
   /** Subdirectory of the element's staging area that receives the image. */
   directory?: string;
-  /** Version string the source reports to BuildStream; ocistage only carries it. */
+  /** Version string the source reports to BuildStream. ocistage only carries it. */
   version?: string;
-  /** Position of this source in the element's `sources` list (0-based); 0 for a bare source mapping. */
+  /** Position of this source in the element's `sources` list, 0-based. A bare source mapping has index 0. */
   index: number;
   /** 1-based line where the source mapping starts. */
   line: number;
@@ -70,7 +73,15 @@ export interface DockerSourceConfig {
 const COMMON_SOURCE_KEYS = ["kind", "directory"];
 
 /** Keys of the buildstream-plugins docker source, without the deprecated `url`. */
-const DOCKER_SOURCE_KEYS = ["registry-url", "image", "track", "ref", "architecture", "os", "version"];
+const DOCKER_SOURCE_KEYS = [
+  "registry-url",
+  "image",
+  "track",
+  "ref",
+  "architecture",
+  "os",
+  "version",
+];
 
 const VALID_KEYS = [...COMMON_SOURCE_KEYS, ...DOCKER_SOURCE_KEYS];
 
@@ -80,7 +91,7 @@ const REF_HEX = /^[a-f0-9]{64}$/;
 const NAME_COMPONENT = "[a-z0-9]+(?:(?:\\.|_|__|-+)[a-z0-9]+)*";
 const IMAGE_NAME = new RegExp(`^${NAME_COMPONENT}(?:/${NAME_COMPONENT})*$`);
 
-const NULL_PLAIN = new Set(["", "~", "null", "Null", "NULL"]);
+const CORE_TAG_PREFIX = "tag:yaml.org,2002:";
 
 /** The parsed text with everything needed to report lines and splice values. */
 interface LoadedElement {
@@ -122,13 +133,13 @@ export function parseElement(text: string, file?: string): DockerSourceConfig[] 
  * Write `digestHex` as the `ref` of the docker source at `index` and return
  * the new text.
  *
- * Only the `ref` value changes; comments, quoting style, line endings and
+ * Only the `ref` value changes. Comments, quoting style, line endings and
  * every other byte stay as they were. A quoted ref stays quoted with the same
  * quote character. When the source has no `ref`, a `ref:` line is inserted
  * right after the `track:` line with the same indentation (in a flow mapping,
  * `, ref: <hex>` follows the track value).
  *
- * @param text The element file contents; it must pass {@link parseElement}.
+ * @param text The element file contents, which must pass {@link parseElement}.
  * @param index The `index` of a source that {@link parseElement} returned.
  * @param digestHex The manifest digest, as 64 lowercase hex digits or as `sha256:<hex>`.
  * @throws {TypeError} when `digestHex` is not a sha256 digest.
@@ -144,7 +155,7 @@ export function setRef(text: string, index: number, digestHex: string): string {
   if (!source) {
     const indexes = element.sources.map((candidate) => candidate.config.index).join(", ");
     throw new RangeError(
-      `no docker source at index ${index}: the element has docker sources at index ${indexes}`,
+      `no docker source at index ${index}: the element has docker sources at index ${indexes}, so pass one of those`,
     );
   }
 
@@ -154,13 +165,16 @@ export function setRef(text: string, index: number, digestHex: string): string {
   let written: string | undefined;
   let cause: unknown;
   try {
-    written = loadElement(updated).sources.find((candidate) => candidate.config.index === index)?.config.ref;
+    written = loadElement(updated).sources.find((candidate) => candidate.config.index === index)
+      ?.config.ref;
   } catch (error) {
     cause = error;
   }
   if (written !== hex) {
     throw new ElementError(
-      `failed to write ref "${hex}" into the docker source at ${where(element, source.config.line)}: ` +
+      `failed to write ref "${hex}" into the docker source at ${
+        where(element, source.config.line)
+      }: ` +
         `set the ref by hand`,
       { line: source.config.line, key: "ref", cause },
     );
@@ -203,10 +217,14 @@ function loadElement(text: string, file?: string): LoadedElement {
   const syntaxError = doc.errors[0];
   if (syntaxError) {
     const line = lines.linePos(syntaxError.pos[0]).line;
-    throw new ElementError(
-      `invalid YAML in ${where(element, line)}: ${syntaxError.message.split("\n")[0]}: fix the syntax`,
-      { file, line, cause: syntaxError },
-    );
+    const detail = syntaxError.code === "MULTIPLE_DOCS"
+      ? "the file contains more than one YAML document: keep only the element"
+      : `${syntaxError.message.split("\n")[0]}: fix the syntax`;
+    throw new ElementError(`invalid YAML in ${where(element, line)}: ${detail}`, {
+      file,
+      line,
+      cause: syntaxError,
+    });
   }
 
   checkStructure(element, doc);
@@ -214,9 +232,34 @@ function loadElement(text: string, file?: string): LoadedElement {
   return element;
 }
 
-/** Reject what BuildStream's loader rejects everywhere: duplicate keys and aliases. */
+/** Reject anchors, aliases, non-core tags and duplicate keys anywhere in the file. */
 function checkStructure(element: LoadedElement, doc: Document.Parsed): void {
+  const checkNode = (node: Scalar | YAMLMap | YAMLSeq) => {
+    if (node.anchor !== undefined) {
+      const line = lineOf(element, node);
+      throw new ElementError(
+        `unsupported anchor "&${node.anchor}" in ${where(element, line)}: ` +
+          `BuildStream does not accept anchors and aliases, so write the value out`,
+        { file: element.file, line },
+      );
+    }
+    if (node.tag !== undefined && !node.tag.startsWith(CORE_TAG_PREFIX)) {
+      const line = lineOf(element, node);
+      throw new ElementError(
+        `unsupported tag "${node.tag}" in ${where(element, line)}: ` +
+          `BuildStream accepts only YAML core tags, so remove the tag`,
+        { file: element.file, line },
+      );
+    }
+  };
+
   visit(doc, {
+    Scalar(_, scalar) {
+      checkNode(scalar);
+    },
+    Seq(_, seq) {
+      checkNode(seq);
+    },
     Alias(_, alias) {
       const line = lineOf(element, alias);
       throw new ElementError(
@@ -226,14 +269,16 @@ function checkStructure(element: LoadedElement, doc: Document.Parsed): void {
       );
     },
     Map(_, map) {
+      checkNode(map);
       const seen = new Set<string>();
       for (const pair of map.items) {
         if (!isScalar(pair.key)) continue;
         const key = String(pair.key.value);
         if (seen.has(key)) {
           const line = lineOf(element, pair.key);
+          const place = where(element, line);
           throw new ElementError(
-            `duplicate key "${key}" in ${where(element, line)}: keep only one "${key}" in this mapping`,
+            `duplicate key "${key}" in ${place}: keep only one "${key}" in this mapping`,
             { file: element.file, line, key },
           );
         }
@@ -245,7 +290,7 @@ function checkStructure(element: LoadedElement, doc: Document.Parsed): void {
 
 function findDockerSources(element: LoadedElement, doc: Document.Parsed): LoadedSource[] {
   const root = doc.contents;
-  if (root === null || (isScalar(root) && isNullValue(root))) {
+  if (root === null) {
     throw noDockerSource(element, 1, []);
   }
   if (!isMap(root)) {
@@ -267,7 +312,7 @@ function findDockerSources(element: LoadedElement, doc: Document.Parsed): Loaded
 
   const list = sourcesPair.value;
   const sourcesLine = lineOf(element, sourcesPair.key as Node);
-  if (list === null || (isScalar(list) && isNullValue(list))) {
+  if (list === null || (isScalar(list) && isEmptyValue(list))) {
     throw noDockerSource(element, sourcesLine, []);
   }
   if (!isSeq(list)) {
@@ -284,7 +329,9 @@ function findDockerSources(element: LoadedElement, doc: Document.Parsed): Loaded
     if (kind === undefined) {
       const line = lineOf(element, item);
       throw new ElementError(
-        `missing key "kind" in source ${index} at ${where(element, line)}: add "kind: docker" or the kind of this source`,
+        `missing key "kind" in source ${index} at ${
+          where(element, line)
+        }: add "kind: docker" or the kind of this source`,
         { file: element.file, line, key: "kind" },
       );
     }
@@ -297,7 +344,9 @@ function findDockerSources(element: LoadedElement, doc: Document.Parsed): Loaded
 }
 
 function noDockerSource(element: LoadedElement, line: number, kinds: string[]): ElementError {
-  const seen = kinds.length ? `it has sources of kind ${kinds.map((kind) => `"${kind}"`).join(", ")}` : "it has none";
+  const seen = kinds.length
+    ? `it has sources of kind ${kinds.map((kind) => `"${kind}"`).join(", ")}`
+    : "it has none";
   return new ElementError(
     `no docker source in ${where(element, line)}: ${seen}: add a source with "kind: docker"`,
     { file: element.file, line },
@@ -332,7 +381,9 @@ function validateSource(
   const image = values.get("image");
   if (image === undefined) {
     throw new ElementError(
-      `missing key "image" in docker source at ${where(element, line)}: add "image:" with a repository such as "library/alpine"`,
+      `missing key "image" in docker source at ${
+        where(element, line)
+      }: add "image:" with a repository such as "library/alpine"`,
       { file: element.file, line, key: "image" },
     );
   }
@@ -368,7 +419,9 @@ function checkKey(element: LoadedElement, pair: Pair<ParsedNode, ParsedNode | nu
   const line = lineOf(element, keyNode);
   if (!isScalar(keyNode)) {
     throw new ElementError(
-      `invalid key in docker source at ${where(element, line)}: keys must be plain strings`,
+      `invalid key in docker source at ${
+        where(element, line)
+      }: keys must be plain strings, so rewrite the key as one`,
       { file: element.file, line },
     );
   }
@@ -397,29 +450,47 @@ function checkKey(element: LoadedElement, pair: Pair<ParsedNode, ParsedNode | nu
   );
 }
 
-/** Return a scalar value as a string, undefined when it counts as absent, or throw for a collection. */
-function scalarValue(element: LoadedElement, key: string, node: ParsedNode | null): string | undefined {
+/** Return a scalar value as a trimmed string, undefined when it is empty, or throw for a collection. */
+function scalarValue(
+  element: LoadedElement,
+  key: string,
+  node: ParsedNode | null,
+): string | undefined {
   if (node === null) return undefined;
   if (!isScalar(node)) throw wrongType(element, key, node, "a string");
-  if (isNullValue(node)) return undefined;
-  const value = String(node.value);
-  return value === "" ? undefined : value;
+  if (isEmptyValue(node)) return undefined;
+  return String(node.value).trim();
 }
 
-function isNullValue(node: Scalar): boolean {
-  return node.type === Scalar.PLAIN && NULL_PLAIN.has(String(node.value));
+function isEmptyValue(node: Scalar): boolean {
+  return String(node.value).trim() === "";
 }
 
-function wrongType(element: LoadedElement, key: string, node: ParsedNode, expected: string): ElementError {
+function wrongType(
+  element: LoadedElement,
+  key: string,
+  node: ParsedNode,
+  expected: string,
+): ElementError {
   const line = lineOf(element, node);
-  const actual = isMap(node) ? "a mapping" : isSeq(node) ? "a list" : `the string "${String((node as Scalar).value)}"`;
+  const actual = isMap(node)
+    ? "a mapping"
+    : isSeq(node)
+    ? "a list"
+    : `the string "${String((node as Scalar).value)}"`;
   return new ElementError(
-    `invalid value for "${key}" at ${where(element, line)}: expected ${expected}, found ${actual}: change the value`,
+    `invalid value for "${key}" at ${
+      where(element, line)
+    }: expected ${expected}, found ${actual}: change the value`,
     { file: element.file, line, key },
   );
 }
 
-function checkRef(element: LoadedElement, map: YAMLMap<ParsedNode, ParsedNode | null>, ref: string): void {
+function checkRef(
+  element: LoadedElement,
+  map: YAMLMap<ParsedNode, ParsedNode | null>,
+  ref: string,
+): void {
   if (REF_HEX.test(ref)) return;
 
   const line = valueLine(element, map, "ref");
@@ -432,11 +503,16 @@ function checkRef(element: LoadedElement, map: YAMLMap<ParsedNode, ParsedNode | 
   );
 }
 
-function checkImage(element: LoadedElement, map: YAMLMap<ParsedNode, ParsedNode | null>, image: string): void {
+function checkImage(
+  element: LoadedElement,
+  map: YAMLMap<ParsedNode, ParsedNode | null>,
+  image: string,
+): void {
   if (IMAGE_NAME.test(image)) return;
 
   const line = valueLine(element, map, "image");
-  let hint = `use a repository path of lowercase letters, digits, ".", "_", "-" and "/", such as "library/alpine"`;
+  let hint =
+    `use a repository path of lowercase letters, digits, ".", "_", "-" and "/", such as "library/alpine"`;
   if (image.includes("@")) {
     hint = `remove the digest from "image" and put its hex digits in "ref"`;
   } else if (/:[^/]*$/.test(image)) {
@@ -512,7 +588,9 @@ function replaceRefValue(
   }
   if (!isScalar(value)) {
     throw new ElementError(
-      `failed to write ref "${hex}" at ${where(element, source.config.line)}: the existing ref is not a string: set the ref by hand`,
+      `failed to write ref "${hex}" at ${
+        where(element, source.config.line)
+      }: the existing ref is not a string: set the ref by hand`,
       { file: element.file, line: source.config.line, key: "ref" },
     );
   }
@@ -529,16 +607,16 @@ function replaceRefValue(
       break;
     case Scalar.BLOCK_FOLDED:
     case Scalar.BLOCK_LITERAL:
-      // A block scalar's range includes its header and trailing line breaks;
-      // keep the line breaks so the next key stays on its own line.
+      // A block scalar's range includes its header and trailing line breaks,
+      // so the line breaks are kept and the next key stays on its own line.
       replacement = hex + (/\r?\n[ \t\r\n]*$/.exec(old)?.[0] ?? "");
       break;
     default:
       replacement = hex;
   }
 
-  // An empty value sits right after the colon or right before a comment;
-  // YAML needs a space on each side there.
+  // An empty value sits right after the colon or right before a comment,
+  // and YAML needs a space on each side of the new value there.
   if (old === "") {
     if (text[start - 1] !== " " && text[start - 1] !== "\t") replacement = ` ${replacement}`;
     if (text[end] === "#") replacement = `${replacement} `;
@@ -550,7 +628,11 @@ function findPair<K, V>(map: YAMLMap<K, V>, key: string): Pair<K, V> | undefined
   return map.items.find((pair) => isScalar(pair.key) && String(pair.key.value) === key);
 }
 
-function valueLine(element: LoadedElement, map: YAMLMap<ParsedNode, ParsedNode | null>, key: string): number {
+function valueLine(
+  element: LoadedElement,
+  map: YAMLMap<ParsedNode, ParsedNode | null>,
+  key: string,
+): number {
   const pair = findPair(map, key);
   const node = pair?.value ?? pair?.key;
   return node ? lineOf(element, node) : lineOf(element, map);
