@@ -172,10 +172,8 @@ export function setRef(text: string, index: number, digestHex: string): string {
   }
   if (written !== hex) {
     throw new ElementError(
-      `failed to write ref "${hex}" into the docker source at ${
-        where(element, source.config.line)
-      }: ` +
-        `set the ref by hand`,
+      `failed to write ref "${hex}" into the docker source at ` +
+        `${where(element, source.config.line)}: set the ref by hand`,
       { line: source.config.line, key: "ref", cause },
     );
   }
@@ -329,9 +327,8 @@ function findDockerSources(element: LoadedElement, doc: Document.Parsed): Loaded
     if (kind === undefined) {
       const line = lineOf(element, item);
       throw new ElementError(
-        `missing key "kind" in source ${index} at ${
-          where(element, line)
-        }: add "kind: docker" or the kind of this source`,
+        `missing key "kind" in source ${index} at ${where(element, line)}: ` +
+          `add "kind: docker" or the kind of this source`,
         { file: element.file, line, key: "kind" },
       );
     }
@@ -381,9 +378,8 @@ function validateSource(
   const image = values.get("image");
   if (image === undefined) {
     throw new ElementError(
-      `missing key "image" in docker source at ${
-        where(element, line)
-      }: add "image:" with a repository such as "library/alpine"`,
+      `missing key "image" in docker source at ${where(element, line)}: ` +
+        `add "image:" with a repository such as "library/alpine"`,
       { file: element.file, line, key: "image" },
     );
   }
@@ -419,9 +415,8 @@ function checkKey(element: LoadedElement, pair: Pair<ParsedNode, ParsedNode | nu
   const line = lineOf(element, keyNode);
   if (!isScalar(keyNode)) {
     throw new ElementError(
-      `invalid key in docker source at ${
-        where(element, line)
-      }: keys must be plain strings, so rewrite the key as one`,
+      `invalid key in docker source at ${where(element, line)}: ` +
+        `keys must be plain strings, so rewrite the key as one`,
       { file: element.file, line },
     );
   }
@@ -479,9 +474,8 @@ function wrongType(
     ? "a list"
     : `the string "${String((node as Scalar).value)}"`;
   return new ElementError(
-    `invalid value for "${key}" at ${
-      where(element, line)
-    }: expected ${expected}, found ${actual}: change the value`,
+    `invalid value for "${key}" at ${where(element, line)}: ` +
+      `expected ${expected}, found ${actual}: change the value`,
     { file: element.file, line, key },
   );
 }
@@ -588,9 +582,8 @@ function replaceRefValue(
   }
   if (!isScalar(value)) {
     throw new ElementError(
-      `failed to write ref "${hex}" at ${
-        where(element, source.config.line)
-      }: the existing ref is not a string: set the ref by hand`,
+      `failed to write ref "${hex}" at ${where(element, source.config.line)}: ` +
+        `the existing ref is not a string: set the ref by hand`,
       { file: element.file, line: source.config.line, key: "ref" },
     );
   }
