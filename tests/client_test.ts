@@ -7,7 +7,14 @@ import type { ProgressEvent } from "../src/progress.ts";
 import { type ImageReference, parsePlatform } from "../src/reference.ts";
 import { staticCredentials } from "../src/registry/auth.ts";
 import { RegistryClient, type RegistryClientOptions } from "../src/registry/client.ts";
-import { ForeignLayerError, RegistryError } from "../src/registry/errors.ts";
+import {
+  errorFromResponse,
+  ForeignLayerError,
+  isRetryableStatus,
+  parseRetryAfter,
+  redactUrl,
+  RegistryError,
+} from "../src/registry/errors.ts";
 import { type MemoryRegistryOptions, MemoryRegistry, sha256Hex } from "./fixtures/registry.ts";
 
 const encoder = new TextEncoder();
@@ -508,11 +515,12 @@ test("RegistryClient works over HTTP on 127.0.0.1", async () => {
 
     assert.equal(resolved.digest, image.manifest.digest);
     assert.deepEqual(layer, bytes);
-    // Over a real socket, how much of the prefix arrives before the reset is up to the runtime.
+    // How much of the prefix a runtime delivers before it reports the reset varies (Bun delivers
+    // none), so the second request may start at 0 or resume with Range.
     const ranges = registry.requests(`/blobs/${image.layers[0].digest}`).map((entry) => entry.range);
     assert.equal(ranges.length, 2);
     assert.equal(ranges[0], undefined);
-    assert.match(ranges[1] ?? "", /^bytes=[0-9]+-$/);
+    assert.ok(ranges[1] === undefined || /^bytes=[0-9]+-$/.test(ranges[1]), ranges[1]);
   } finally {
     await server.close();
   }
@@ -555,4 +563,72 @@ test("RegistryClient explains missing credentials", async () => {
     return true;
   });
   assert.equal(wrong.registry.log.length, 2);
+});
+
+test("errorFromResponse() explains statuses", async () => {
+  const json = (status: number, codes: string[], headers: Record<string, string> = {}) =>
+    new Response(JSON.stringify({ errors: codes.map((code) => ({ code, message: code.toLowerCase() })) }), {
+      status,
+      headers,
+    });
+  const url = "https://reg.example/v2/foo/manifests/x";
+  const subject = { registry: "127.0.0.1:5000", repository: "foo" };
+  const table: [Response, Parameters<typeof errorFromResponse>[3], RegExp, boolean][] = [
+    [json(404, ["MANIFEST_UNKNOWN"]), { ...subject, manifest: "x" }, /^manifest unknown: tag "x" not found in 127\.0\.0\.1:5000\/foo: check the tag/, false],
+    [json(404, ["MANIFEST_UNKNOWN"]), { ...subject, manifest: `sha256:${"a".repeat(64)}` }, /manifest unknown: digest "sha256:a+" not found/, false],
+    [json(404, ["NAME_UNKNOWN"]), { ...subject, manifest: "x" }, /repository unknown: "127\.0\.0\.1:5000\/foo" not found/, false],
+    [json(404, ["BLOB_UNKNOWN"]), { ...subject, blob: "sha256:b" }, /blob unknown: "sha256:b" not found in 127\.0\.0\.1:5000\/foo/, false],
+    [json(401, ["UNAUTHORIZED"]), subject, /authentication required \(status 401\).*docker login.*OCISTAGE_USERNAME/, false],
+    [json(401, ["UNAUTHORIZED"]), { ...subject, credentialsSent: true }, /rejected the credentials/, false],
+    [json(403, ["DENIED"]), subject, /access denied \(status 403\).*may pull "foo"/, false],
+    [json(429, ["TOOMANYREQUESTS"], { "retry-after": "7" }), subject, /^rate limited by 127\.0\.0\.1:5000 \(Retry-After: "7"\)/, true],
+    [json(503, []), subject, /server error 503 .* retry later/, true],
+    [json(500, ["UNKNOWN"]), subject, /server error 500/, true],
+    [json(408, []), subject, /unexpected status 408/, true],
+    [json(501, []), subject, /server error 501/, false],
+    [json(400, ["DIGEST_INVALID"]), subject, /unexpected status 400 \(DIGEST_INVALID\)/, false],
+    [new Response("<html>oops</html>", { status: 502 }), subject, /server error 502/, true],
+  ];
+  for (const [response, requestSubject, pattern, retryable] of table) {
+    const error = await errorFromResponse(response, "GET", url, requestSubject);
+    assert.match(error.message, pattern);
+    assert.equal(error.retryable, retryable, error.message);
+    assert.equal(error.status, response.status);
+  }
+
+  const rateLimited = await errorFromResponse(json(429, ["TOOMANYREQUESTS"], { "retry-after": "7" }), "GET", url);
+  assert.deepEqual(rateLimited.codes, ["TOOMANYREQUESTS"]);
+  assert.equal(rateLimited.retryAfterMs, 7000);
+  assert.match(rateLimited.message, /registry message: "toomanyrequests"/);
+});
+
+test("parseRetryAfter() reads seconds and dates", () => {
+  const now = Date.parse("2024-05-01T12:00:00Z");
+  assert.equal(parseRetryAfter("2", now), 2000);
+  assert.equal(parseRetryAfter(" 0 ", now), 0);
+  assert.equal(parseRetryAfter("Wed, 01 May 2024 12:00:30 GMT", now), 30_000);
+  assert.equal(parseRetryAfter("Wed, 01 May 2024 11:00:00 GMT", now), 0);
+  assert.equal(parseRetryAfter("soon", now), undefined);
+  assert.equal(parseRetryAfter(null, now), undefined);
+});
+
+test("isRetryableStatus() picks transient statuses", () => {
+  const retryable = [408, 429, 500, 502, 503, 504];
+  const final = [400, 401, 403, 404, 416, 501, 505];
+  for (const status of retryable) assert.equal(isRetryableStatus(status), true, String(status));
+  for (const status of final) assert.equal(isRetryableStatus(status), false, String(status));
+});
+
+test("redactUrl() removes credentials and tokens", () => {
+  const table: [string, string][] = [
+    ["https://user:pw@reg.example/v2/", "https://reg.example/v2/"],
+    [
+      "https://s3.example/b?X-Amz-Signature=abc&X-Amz-Credential=k&X-Amz-Date=1",
+      "https://s3.example/b?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&X-Amz-Date=1",
+    ],
+    ["https://cdn.example/b?sig=S&se=2024", "https://cdn.example/b?sig=REDACTED&se=2024"],
+    ["https://auth.example/token?service=s&access_token=t", "https://auth.example/token?service=s&access_token=REDACTED"],
+    ["not a url", "not a url"],
+  ];
+  for (const [input, expected] of table) assert.equal(redactUrl(input), expected);
 });

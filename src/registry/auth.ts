@@ -217,7 +217,7 @@ export function environmentCredentials(
 export interface DockerConfigOptions {
   /** Directory of `config.json` (default `$DOCKER_CONFIG`, else `~/.docker`). */
   configDir?: string;
-  /** Environment for `DOCKER_CONFIG` and `HOME` (default `process.env`). */
+  /** Environment for `DOCKER_CONFIG`, `HOME` and the helpers' `PATH` (default `process.env`). */
   env?: Record<string, string | undefined>;
 }
 
@@ -263,7 +263,7 @@ export function dockerConfigCredentials(options: DockerConfigOptions = {}): Cred
 
     const helperEntry = Object.entries(data.credHelpers ?? {})
       .find(([key]) => configKeyRegistry(key) === wanted);
-    if (helperEntry) return runCredentialHelper(helperEntry[1], helperEntry[0]);
+    if (helperEntry) return runCredentialHelper(helperEntry[1], helperEntry[0], options.env);
 
     const authEntry = Object.entries(data.auths ?? {})
       .find(([key]) => configKeyRegistry(key) === wanted);
@@ -272,7 +272,7 @@ export function dockerConfigCredentials(options: DockerConfigOptions = {}): Cred
 
     if (data.credsStore) {
       const serverUrl = authEntry?.[0] ?? (wanted === "docker.io" ? DOCKER_HUB_CONFIG_KEY : wanted);
-      return runCredentialHelper(data.credsStore, serverUrl);
+      return runCredentialHelper(data.credsStore, serverUrl, options.env);
     }
     return undefined;
   };
@@ -345,7 +345,11 @@ const MAX_HELPER_OUTPUT = 1024 * 1024;
  * Run `docker-credential-NAME get` with the server URL on stdin. A helper
  * user name of `<token>` marks an identity token.
  */
-async function runCredentialHelper(name: string, serverUrl: string): Promise<Credentials | undefined> {
+async function runCredentialHelper(
+  name: string,
+  serverUrl: string,
+  env: Record<string, string | undefined> = process.env,
+): Promise<Credentials | undefined> {
   const { spawn } = await import("node:child_process");
   const program = `docker-credential-${name}`;
 
@@ -355,7 +359,7 @@ async function runCredentialHelper(name: string, serverUrl: string): Promise<Cre
     stderr: string;
     spawnError?: Error;
   }>((resolve) => {
-    const child = spawn(program, ["get"], { stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn(program, ["get"], { stdio: ["pipe", "pipe", "pipe"], env });
     let out = "";
     let err = "";
     child.stdout.setEncoding("utf8").on("data", (chunk: string) => {

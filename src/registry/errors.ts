@@ -220,6 +220,10 @@ function describeStatus(
       "wait and retry, or log in, because registries often allow authenticated clients more requests";
   }
   if (status === 404) return describeNotFound(codes, request, subject, repository);
+  if (status === 501 || status === 505) {
+    return `server error ${status} for ${request}: the server does not support this request; ` +
+      "check the registry address";
+  }
   if (status >= 500) {
     return `server error ${status} for ${request}: the registry failed to answer; retry later`;
   }
