@@ -109,7 +109,7 @@ test("basicAuthorization() encodes UTF-8", () => {
   assert.equal(basicAuthorization({ username: "jürgen", password: "x" }), "Basic asO8cmdlbjp4");
 });
 
-/** A registry on reg.example that replays the exchanges of a bearer challenge by hand. */
+/** Build a fetch for reg.example that replays the exchanges of a bearer challenge. */
 function scriptedBearerRegistry(tokenBody: Record<string, unknown>) {
   const seen: { url: string; authorization: string | null }[] = [];
   const handler = (request: Request): Response => {
@@ -296,7 +296,7 @@ test("chainCredentials() takes the first answer", async () => {
   assert.deepEqual(await chained("reg.example"), { identityToken: "a" });
 });
 
-/** A temporary directory with a docker config and fake credential helpers. */
+/** Create a temporary directory with a docker config and fake credential helpers. */
 function dockerConfigDir(config: unknown): { dir: string; env: Record<string, string | undefined>; cleanup(): void } {
   const dir = mkdtempSync(join(tmpdir(), "ocistage-auth-"));
   writeFileSync(join(dir, "config.json"), typeof config === "string" ? config : JSON.stringify(config));

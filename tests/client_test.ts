@@ -318,9 +318,12 @@ test("openBlob() retries 5xx with backoff", async () => {
   assert.deepEqual(await readAll(client.openBlob(ref, descriptor)), bytes);
 
   assert.equal(delays.length, 3);
-  assert.ok(delays[0] >= 50 && delays[0] <= 100, `first delay ${delays[0]}`);
-  assert.ok(delays[1] >= 100 && delays[1] <= 200, `second delay ${delays[1]}`);
-  assert.ok(delays[2] >= 200 && delays[2] <= 400, `third delay ${delays[2]}`);
+  // Each delay is the doubled base with jitter between half and all of it.
+  const bounds: [number, number][] = [[50, 100], [100, 200], [200, 400]];
+  bounds.forEach(([low, high], i) => {
+    assert.ok(delays[i] >= low, `delay ${i} is ${delays[i]}`);
+    assert.ok(delays[i] <= high, `delay ${i} is ${delays[i]}`);
+  });
   const retries = events.filter((event) => event.type === "retry");
   assert.deepEqual(retries.map((event) => event.attempt), [1, 2, 3]);
   assert.match(retries[0].reason, /server error 503/);
@@ -631,4 +634,23 @@ test("redactUrl() removes credentials and tokens", () => {
     ["not a url", "not a url"],
   ];
   for (const [input, expected] of table) assert.equal(redactUrl(input), expected);
+});
+
+test("getManifest() retries a cut-off body", async () => {
+  const cases: [string, Record<string, unknown>][] = [
+    ["reset", { resetAfter: 50 }],
+    ["stall", { stallAfter: 50 }],
+    ["normal end", { truncateAfter: 50 }],
+  ];
+  for (const [name, fault] of cases) {
+    const { registry, client, ref, events } = setup({}, { timeoutMs: 300 });
+    const image = registry.pushImage("team/app", "1.0", [{ bytes: blobBytes(10), mediaType: MediaType.ociLayerGzip }]);
+    registry.addFault({ match: "/manifests/", ...fault });
+
+    const fetched = await client.getManifest(ref);
+
+    assert.equal(fetched.digest, image.manifest.digest, name);
+    assert.equal(registry.requests("/manifests/").length, 2, name);
+    assert.equal(events.length, 1, name);
+  }
 });

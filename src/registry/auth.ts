@@ -93,7 +93,7 @@ class HeaderParser {
     return this.text.slice(start, this.position);
   }
 
-  /** Read a token68 when one stands alone before a comma or the end; else read nothing. */
+  /** Read a token68 when it is the only value before a comma or the end; else read nothing. */
   token68(): string | undefined {
     let end = this.position;
     while (this.text[end] && TOKEN68_CHAR.test(this.text[end])) end++;
@@ -183,12 +183,12 @@ export function basicAuthorization(credentials: { username: string; password: st
   return `Basic ${btoa(binary)}`;
 }
 
-/** A resolver that returns the same credentials for every registry. */
+/** Return a resolver that gives the same credentials for every registry. */
 export function staticCredentials(credentials: Credentials): CredentialResolver {
   return () => Promise.resolve(credentials);
 }
 
-/** A resolver that asks each resolver in turn and returns the first credentials found. */
+/** Return a resolver that tries each resolver in turn and returns the first credentials found. */
 export function chainCredentials(...resolvers: CredentialResolver[]): CredentialResolver {
   return async (registry) => {
     for (const resolve of resolvers) {
@@ -200,7 +200,7 @@ export function chainCredentials(...resolvers: CredentialResolver[]): Credential
 }
 
 /**
- * A resolver reading `OCISTAGE_USERNAME` and `OCISTAGE_PASSWORD`, used for
+ * Return a resolver reading `OCISTAGE_USERNAME` and `OCISTAGE_PASSWORD`, used for
  * every registry. It returns nothing unless both are set.
  */
 export function environmentCredentials(
@@ -243,7 +243,7 @@ interface DockerConfig {
 }
 
 /**
- * A resolver reading docker's `config.json`: `auths` entries with `auth`
+ * Return a resolver reading docker's `config.json`: `auths` entries with `auth`
  * (base64 `user:password`) or `identitytoken`, and `credHelpers` or
  * `credsStore` through `docker-credential-NAME get`.
  *
@@ -464,7 +464,7 @@ export class RegistryAuth {
   }
 
   /**
-   * Answer a 401: remember the registry's challenge and return the
+   * Handle a 401: remember the registry's challenge and return the
    * `Authorization` value to retry with, or undefined when a retry cannot
    * help (no supported scheme, no credentials for basic auth, or the same
    * value was just rejected).

@@ -43,7 +43,7 @@ import {
 export interface RegistryClientOptions {
   /** The fetch implementation (default `globalThis.fetch`). */
   fetch?: typeof fetch;
-  /** Where credentials come from (default: none, anonymous access). */
+  /** Source of credentials (default: none, so access is anonymous). */
   credentials?: CredentialResolver;
   /** Use HTTP instead of HTTPS for every registry (default false; loopback hosts always use HTTP). */
   plainHttp?: boolean;
@@ -183,7 +183,7 @@ export class RegistryClient {
       );
     }
     const url = `${this.baseUrl(ref)}/v2/${ref.repository}/manifests/${reference}`;
-    const response = await this.send({
+    const { response, bytes } = await this.fetchSmall({
       method: "GET",
       url,
       headers: { accept: MANIFEST_ACCEPT },
@@ -192,8 +192,6 @@ export class RegistryClient {
       subject: { registry: ref.registry, repository: ref.repository, manifest: reference },
       signal,
     });
-
-    const bytes = await this.readBody(response, MAX_MANIFEST_BYTES, "GET", url);
     const digest = await sha256Of(bytes, this.options.hasher);
     const separator = reference.includes(":") ? "@" : ":";
     const source = `${ref.registry}/${ref.repository}${separator}${reference}`;
@@ -264,7 +262,7 @@ export class RegistryClient {
     let url: string | undefined = `${this.baseUrl(ref)}/v2/${ref.repository}/tags/list`;
 
     for (let page = 0; url !== undefined && page < MAX_TAG_PAGES; page++) {
-      const response = await this.send({
+      const { response, bytes } = await this.fetchSmall({
         method: "GET",
         url,
         headers: { accept: "application/json" },
@@ -273,7 +271,6 @@ export class RegistryClient {
         subject: { registry: ref.registry, repository: ref.repository, tags: true },
         signal,
       });
-      const bytes = await this.readBody(response, MAX_MANIFEST_BYTES, "GET", url);
       let body: { tags?: unknown };
       try {
         body = JSON.parse(new TextDecoder().decode(bytes));
@@ -320,7 +317,7 @@ export class RegistryClient {
    * differs from the descriptor. Chunks are unverified until the stream
    * closes. Network errors, stalls, 408, 429 and 5xx are retried with
    * backoff. A body that stops short, whether the runtime reports an error
-   * or a normal end, resumes with `Range` (a server that answers 200 instead
+   * or a normal end, resumes with `Range` (a server that returns 200 instead
    * of 206 is read from the start, skipping what was received).
    *
    * Foreign and non-distributable layers with `urls` are fetched from those
@@ -407,7 +404,7 @@ export class RegistryClient {
     await this.sleep(delayMs, request.signal);
   }
 
-  /** One attempt: auth, 401 answer (once), and redirects, without retries. */
+  /** Send one attempt: auth, one repeat after a 401 challenge, and redirects, without retries. */
   private async sendOnce(request: RegistryRequest, init: RequestInit): Promise<Response> {
     const origin = new URL(request.url).origin;
     let authorization = request.registry === undefined
@@ -496,12 +493,49 @@ export class RegistryClient {
     }
   }
 
+  /**
+   * Send a request and read its body whole (at most 4 MiB), retrying when
+   * the body fails or stalls as well as when the request does.
+   */
+  private async fetchSmall(request: RegistryRequest): Promise<{ response: Response; bytes: Uint8Array }> {
+    for (let attempt = 0;; attempt++) {
+      const response = await this.send(request);
+      try {
+        const bytes = await this.readBody(response, MAX_MANIFEST_BYTES, request.method, request.url);
+        return { response, bytes };
+      } catch (error) {
+        if (request.signal?.aborted) throw request.signal.reason;
+        if (!(error instanceof RegistryError) || !error.retryable || attempt >= this.retries) throw error;
+        await this.backoff(request, attempt, error);
+      }
+    }
+  }
+
+  /** Read a small body whole, failing when it is over `limit` or takes longer than the timeout. */
   private async readBody(response: Response, limit: number, method: string, url: string): Promise<Uint8Array> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const stalled = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        response.body?.cancel().catch(() => {});
+        reject(timeoutError(method, url, this.timeoutMs, "the response body"));
+      }, this.timeoutMs);
+    });
     try {
-      return await readLimited(response, limit);
+      const bytes = await Promise.race([readLimited(response, limit), stalled]);
+      const declared = Number(response.headers.get("content-length") ?? NaN);
+      if (bytes.byteLength < declared) {
+        throw new RegistryError(
+          `body of ${method} ${redactUrl(url)} ended after ${bytes.byteLength} of ${declared} bytes: ` +
+            "the connection was cut; retry",
+          { method, url, retryable: true },
+        );
+      }
+      return bytes;
     } catch (error) {
-      if (error instanceof RangeError) throw error;
+      if (error instanceof RangeError || error instanceof RegistryError) throw error;
       throw networkError(method, url, error);
+    } finally {
+      clearTimeout(timer);
     }
   }
 }
