@@ -92,7 +92,10 @@ test("tokenScopes() adds the request scope once", () => {
     [undefined, "repository:app:pull", ["repository:app:pull"]],
     ["repository:app:pull", "repository:app:pull", ["repository:app:pull"]],
     ["repository:app:pull,push", "repository:app:pull", ["repository:app:pull,push"]],
-    ["repository:other:pull", "repository:app:pull", ["repository:other:pull", "repository:app:pull"]],
+    ["repository:other:pull", "repository:app:pull", [
+      "repository:other:pull",
+      "repository:app:pull",
+    ]],
     ["registry:catalog:*", "repository:app:pull", ["registry:catalog:*", "repository:app:pull"]],
     ["repository:reg:5000/app:push", "repository:reg:5000/app:pull", [
       "repository:reg:5000/app:push",
@@ -100,12 +103,19 @@ test("tokenScopes() adds the request scope once", () => {
     ]],
   ];
   for (const [offered, requested, expected] of table) {
-    assert.deepEqual(tokenScopes(challenge(offered), requested), expected, `${offered} + ${requested}`);
+    assert.deepEqual(
+      tokenScopes(challenge(offered), requested),
+      expected,
+      `${offered} + ${requested}`,
+    );
   }
 });
 
 test("basicAuthorization() encodes UTF-8", () => {
-  assert.equal(basicAuthorization({ username: "user", password: "pa:ss" }), `Basic ${btoa("user:pa:ss")}`);
+  assert.equal(
+    basicAuthorization({ username: "user", password: "pa:ss" }),
+    `Basic ${btoa("user:pa:ss")}`,
+  );
   assert.equal(basicAuthorization({ username: "jürgen", password: "x" }), "Basic asO8cmdlbjp4");
 });
 
@@ -132,7 +142,11 @@ function scriptedBearerRegistry(tokenBody: Record<string, unknown>) {
   return { seen, fetch: fetchImpl };
 }
 
-const TEST_REPOSITORY: ImageReference = { registry: "reg.example", repository: "testrepository", tag: "latest" };
+const TEST_REPOSITORY: ImageReference = {
+  registry: "reg.example",
+  repository: "testrepository",
+  tag: "latest",
+};
 
 test("RegistryClient requests the challenged scope", async () => {
   const scripted = scriptedBearerRegistry({ token: "t1" });
@@ -222,7 +236,11 @@ test("RegistryClient stops after one refresh", async () => {
 
 test("RegistryClient honours expires_in", async () => {
   let clock = 1_000_000;
-  const { client, ref, tokenRequests, registry } = bearerSetup({ type: "bearer", expiresIn: 60 }, undefined, () => clock);
+  const { client, ref, tokenRequests, registry } = bearerSetup(
+    { type: "bearer", expiresIn: 60 },
+    undefined,
+    () => clock,
+  );
 
   await client.getManifest(ref);
   clock += 30_000;
@@ -232,7 +250,9 @@ test("RegistryClient honours expires_in", async () => {
   clock += 31_000;
   await client.getManifest(ref);
   assert.equal(tokenRequests().length, 2);
-  const unauthorized = registry.log.filter((entry) => entry.path.includes("/manifests/") && !entry.authorization);
+  const unauthorized = registry.log.filter((entry) =>
+    entry.path.includes("/manifests/") && !entry.authorization
+  );
   assert.equal(unauthorized.length, 1, "only the first request goes without a token");
 });
 
@@ -247,7 +267,10 @@ test("RegistryClient sends credentials to the token endpoint", async () => {
 
 test("RegistryClient reports rejected token requests", async () => {
   const auth = { type: "bearer" as const, username: "ci", password: "s3cret" };
-  const { client, ref, tokenRequests } = bearerSetup(auth, { username: "ci", password: "wrong-one" });
+  const { client, ref, tokenRequests } = bearerSetup(auth, {
+    username: "ci",
+    password: "wrong-one",
+  });
 
   await assert.rejects(client.getManifest(ref), (error: unknown) => {
     assert.ok(error instanceof RegistryError);
@@ -262,7 +285,9 @@ test("RegistryClient reports rejected token requests", async () => {
 
 test("RegistryClient exchanges identity tokens", async () => {
   const auth = { type: "bearer" as const, identityToken: "refresh-me" };
-  const { client, ref, tokenRequests, registry } = bearerSetup(auth, { identityToken: "refresh-me" });
+  const { client, ref, tokenRequests, registry } = bearerSetup(auth, {
+    identityToken: "refresh-me",
+  });
 
   await client.getManifest(ref);
 
@@ -274,7 +299,9 @@ test("RegistryClient exchanges identity tokens", async () => {
 
 test("RegistryClient skips unknown schemes", async () => {
   const fetchImpl: typeof fetch = () =>
-    Promise.resolve(new Response(null, { status: 401, headers: { "www-authenticate": 'Custom realm="x"' } }));
+    Promise.resolve(
+      new Response(null, { status: 401, headers: { "www-authenticate": 'Custom realm="x"' } }),
+    );
   const client = new RegistryClient({ fetch: fetchImpl });
   await assert.rejects(
     client.getManifest({ registry: "reg.example", repository: "app", tag: "1" }),
@@ -292,14 +319,23 @@ test("environmentCredentials() needs both variables", async () => {
 
 test("chainCredentials() takes the first answer", async () => {
   const none = () => Promise.resolve(undefined);
-  const chained = chainCredentials(none, staticCredentials({ identityToken: "a" }), staticCredentials({ identityToken: "b" }));
+  const chained = chainCredentials(
+    none,
+    staticCredentials({ identityToken: "a" }),
+    staticCredentials({ identityToken: "b" }),
+  );
   assert.deepEqual(await chained("reg.example"), { identityToken: "a" });
 });
 
 /** Create a temporary directory with a docker config and fake credential helpers. */
-function dockerConfigDir(config: unknown): { dir: string; env: Record<string, string | undefined>; cleanup(): void } {
+function dockerConfigDir(
+  config: unknown,
+): { dir: string; env: Record<string, string | undefined>; cleanup(): void } {
   const dir = mkdtempSync(join(tmpdir(), "ocistage-auth-"));
-  writeFileSync(join(dir, "config.json"), typeof config === "string" ? config : JSON.stringify(config));
+  writeFileSync(
+    join(dir, "config.json"),
+    typeof config === "string" ? config : JSON.stringify(config),
+  );
 
   const helper = (name: string, script: string) => {
     const path = join(dir, `docker-credential-${name}`);
@@ -309,7 +345,7 @@ function dockerConfigDir(config: unknown): { dir: string; env: Record<string, st
   helper(
     "fake",
     [
-      'read -r server || true',
+      "read -r server || true",
       'case "$server" in',
       '  helper.example) printf \'{"ServerURL":"helper.example","Username":"hu","Secret":"hs"}\' ;;',
       '  token.example) printf \'{"ServerURL":"token.example","Username":"<token>","Secret":"rt"}\' ;;',
@@ -347,7 +383,12 @@ test("dockerConfigCredentials() reads auths", async () => {
 
 test("dockerConfigCredentials() runs credential helpers", async () => {
   const { env, cleanup } = dockerConfigDir({
-    credHelpers: { "helper.example": "fake", "token.example": "fake", "locked.example": "broken", "gone.example": "missing" },
+    credHelpers: {
+      "helper.example": "fake",
+      "token.example": "fake",
+      "locked.example": "broken",
+      "gone.example": "missing",
+    },
     credsStore: "fake",
   });
   try {
@@ -356,8 +397,14 @@ test("dockerConfigCredentials() runs credential helpers", async () => {
     assert.deepEqual(await resolve("token.example"), { identityToken: "rt" });
     assert.deepEqual(await resolve("docker.io"), { username: "hub", password: "hubpw" });
     assert.equal(await resolve("unknown.example"), undefined);
-    await assert.rejects(resolve("locked.example"), /docker-credential-broken" failed for "locked.example" with exit code 3 \("keychain locked"\)/);
-    await assert.rejects(resolve("gone.example"), /docker-credential-missing" for "gone.example" could not run/);
+    await assert.rejects(
+      resolve("locked.example"),
+      /docker-credential-broken" failed for "locked.example" with exit code 3 \("keychain locked"\)/,
+    );
+    await assert.rejects(
+      resolve("gone.example"),
+      /docker-credential-missing" for "gone.example" could not run/,
+    );
   } finally {
     cleanup();
   }
@@ -380,7 +427,10 @@ test("dockerConfigCredentials() handles missing and bad files", async () => {
 
   const badAuth = dockerConfigDir({ auths: { "reg.example": { auth: btoa("no-colon") } } });
   try {
-    await assert.rejects(dockerConfigCredentials({ env: badAuth.env })("reg.example"), /not "user:password"/);
+    await assert.rejects(
+      dockerConfigCredentials({ env: badAuth.env })("reg.example"),
+      /not "user:password"/,
+    );
   } finally {
     badAuth.cleanup();
   }

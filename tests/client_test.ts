@@ -15,7 +15,7 @@ import {
   redactUrl,
   RegistryError,
 } from "../src/registry/errors.ts";
-import { type MemoryRegistryOptions, MemoryRegistry, sha256Hex } from "./fixtures/registry.ts";
+import { MemoryRegistry, type MemoryRegistryOptions, sha256Hex } from "./fixtures/registry.ts";
 
 const encoder = new TextEncoder();
 
@@ -38,7 +38,10 @@ interface Setup {
   events: ProgressEvent[];
 }
 
-function setup(registryOptions: MemoryRegistryOptions = {}, clientOptions: RegistryClientOptions = {}): Setup {
+function setup(
+  registryOptions: MemoryRegistryOptions = {},
+  clientOptions: RegistryClientOptions = {},
+): Setup {
   const registry = new MemoryRegistry(registryOptions);
   const delays: number[] = [];
   const events: ProgressEvent[] = [];
@@ -61,7 +64,10 @@ async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> 
 
 test("getManifest() fetches by tag", async () => {
   const { registry, client, ref } = setup();
-  const image = registry.pushImage("team/app", "1.0", [{ bytes: blobBytes(100), mediaType: MediaType.ociLayerGzip }]);
+  const image = registry.pushImage("team/app", "1.0", [{
+    bytes: blobBytes(100),
+    mediaType: MediaType.ociLayerGzip,
+  }]);
 
   const fetched = await client.getManifest(ref);
 
@@ -80,11 +86,19 @@ test("getManifest() digests the exact bytes", async () => {
   const layer = registry.addBlob(blobBytes(10), MediaType.dockerLayerGzip);
   const config = registry.addBlob(encoder.encode("{}"), MediaType.dockerConfig);
   const bytes = encoder.encode(
-    JSON.stringify({ schemaVersion: 2, mediaType: MediaType.dockerManifest, config, layers: [layer] }, null, 3) + "\n",
+    JSON.stringify(
+      { schemaVersion: 2, mediaType: MediaType.dockerManifest, config, layers: [layer] },
+      null,
+      3,
+    ) + "\n",
   );
   registry.putManifest("rhel7/rhel", "7.3", bytes, MediaType.dockerManifest);
 
-  const fetched = await client.getManifest({ registry: "reg.example", repository: "rhel7/rhel", tag: "7.3" });
+  const fetched = await client.getManifest({
+    registry: "reg.example",
+    repository: "rhel7/rhel",
+    tag: "7.3",
+  });
 
   assert.equal(fetched.digest, sha256Hex(bytes));
   assert.deepEqual(fetched.bytes, bytes);
@@ -127,7 +141,10 @@ test("getManifest() explains unknown tags", async () => {
       assert.deepEqual(error.codes, ["MANIFEST_UNKNOWN"]);
       assert.equal(error.retryable, false);
       assert.equal(error.method, "GET");
-      assert.match(error.message, /^manifest unknown: tag "x" not found in reg\.example\/foo: check the tag/);
+      assert.match(
+        error.message,
+        /^manifest unknown: tag "x" not found in reg\.example\/foo: check the tag/,
+      );
       return true;
     },
   );
@@ -139,7 +156,12 @@ test("getManifest() explains unknown tags", async () => {
 
 test("getManifest() rejects schema 1", async () => {
   const { registry, client, ref } = setup();
-  registry.putManifest("team/app", "1.0", { schemaVersion: 1, name: "team/app", tag: "1.0", fsLayers: [] }, MediaType.dockerManifestSchema1Signed);
+  registry.putManifest("team/app", "1.0", {
+    schemaVersion: 1,
+    name: "team/app",
+    tag: "1.0",
+    fsLayers: [],
+  }, MediaType.dockerManifestSchema1Signed);
   await assert.rejects(client.getManifest(ref), (error: unknown) => {
     assert.ok(error instanceof ManifestError);
     assert.match(error.message, /schema 1.*re-push/);
@@ -150,8 +172,14 @@ test("getManifest() rejects schema 1", async () => {
 test("resolve() follows an index to the platform", async () => {
   for (const format of ["oci", "docker"] as const) {
     const { registry, client, ref } = setup();
-    const amd = registry.pushImage("team/app", undefined, [{ bytes: blobBytes(5, 1), mediaType: MediaType.ociLayerGzip }], { format });
-    const arm = registry.pushImage("team/app", undefined, [{ bytes: blobBytes(5, 2), mediaType: MediaType.ociLayerGzip }], { format });
+    const amd = registry.pushImage("team/app", undefined, [{
+      bytes: blobBytes(5, 1),
+      mediaType: MediaType.ociLayerGzip,
+    }], { format });
+    const arm = registry.pushImage("team/app", undefined, [{
+      bytes: blobBytes(5, 2),
+      mediaType: MediaType.ociLayerGzip,
+    }], { format });
     const index = registry.pushIndex("team/app", "1.0", [
       { manifest: amd.manifest, platform: { os: "linux", architecture: "amd64" } },
       { manifest: arm.manifest, platform: { os: "linux", architecture: "arm64" } },
@@ -179,7 +207,10 @@ test("resolve() checks index entry sizes", async () => {
   const { registry, client, ref } = setup();
   const image = registry.pushImage("team/app", undefined, []);
   registry.pushIndex("team/app", "1.0", [
-    { manifest: { ...image.manifest, size: image.manifest.size + 1 }, platform: { os: "linux", architecture: "amd64" } },
+    {
+      manifest: { ...image.manifest, size: image.manifest.size + 1 },
+      platform: { os: "linux", architecture: "amd64" },
+    },
   ]);
   await assert.rejects(client.resolve(ref, parsePlatform("linux/amd64")), DigestMismatchError);
 });
@@ -190,7 +221,9 @@ test("openBlob() streams and verifies", async () => {
   const descriptor = registry.addBlob(bytes, MediaType.ociLayerGzip);
   const progress: number[] = [];
 
-  const received = await readAll(client.openBlob(ref, descriptor, { onProgress: (n) => progress.push(n) }));
+  const received = await readAll(
+    client.openBlob(ref, descriptor, { onProgress: (n) => progress.push(n) }),
+  );
 
   assert.deepEqual(received, bytes);
   assert.equal(progress.at(-1), bytes.byteLength);
@@ -218,21 +251,27 @@ test("openBlob() rejects corrupt content", async () => {
 test("openBlob() rejects a longer blob", async () => {
   const { registry, client, ref } = setup();
   const descriptor = registry.addBlob(blobBytes(1000));
-  await assert.rejects(readAll(client.openBlob(ref, { ...descriptor, size: 999 })), (error: unknown) => {
-    assert.ok(error instanceof DigestMismatchError);
-    assert.match(error.message, /longer than the 999 bytes/);
-    return true;
-  });
+  await assert.rejects(
+    readAll(client.openBlob(ref, { ...descriptor, size: 999 })),
+    (error: unknown) => {
+      assert.ok(error instanceof DigestMismatchError);
+      assert.match(error.message, /longer than the 999 bytes/);
+      return true;
+    },
+  );
 });
 
 test("openBlob() rejects a shorter blob", async () => {
   const { registry, client, ref } = setup();
   const descriptor = registry.addBlob(blobBytes(1000));
-  await assert.rejects(readAll(client.openBlob(ref, { ...descriptor, size: 1001 })), (error: unknown) => {
-    assert.ok(error instanceof DigestMismatchError);
-    assert.match(error.message, /has 1000 bytes, expected 1001/);
-    return true;
-  });
+  await assert.rejects(
+    readAll(client.openBlob(ref, { ...descriptor, size: 1001 })),
+    (error: unknown) => {
+      assert.ok(error instanceof DigestMismatchError);
+      assert.match(error.message, /has 1000 bytes, expected 1001/);
+      return true;
+    },
+  );
 });
 
 test("openBlob() resumes cut-off bodies", async () => {
@@ -266,7 +305,10 @@ test("openBlob() resumes after a stall", async () => {
   const received = await readAll(client.openBlob(ref, descriptor));
 
   assert.deepEqual(received, bytes);
-  assert.deepEqual(registry.requests("/blobs/").map((entry) => entry.range), [undefined, "bytes=1000-"]);
+  assert.deepEqual(registry.requests("/blobs/").map((entry) => entry.range), [
+    undefined,
+    "bytes=1000-",
+  ]);
 });
 
 test("openBlob() gives up after the retry budget", async () => {
@@ -331,7 +373,11 @@ test("openBlob() retries 5xx with backoff", async () => {
 
 test("openBlob() does not retry 404", async () => {
   const { client, ref, delays } = setup();
-  const missing = { mediaType: MediaType.ociLayerGzip, digest: `sha256:${"1".repeat(64)}` as Digest, size: 3 };
+  const missing = {
+    mediaType: MediaType.ociLayerGzip,
+    digest: `sha256:${"1".repeat(64)}` as Digest,
+    size: 3,
+  };
   await assert.rejects(readAll(client.openBlob(ref, missing)), (error: unknown) => {
     assert.ok(error instanceof RegistryError);
     assert.equal(error.status, 404);
@@ -352,11 +398,16 @@ test("openBlob() drops Authorization on redirect", async () => {
 
   assert.deepEqual(await readAll(client.openBlob(ref, descriptor)), bytes);
 
-  const toRegistry = registry.log.filter((entry) => entry.host === "reg.example" && entry.path.includes("/blobs/"));
+  const toRegistry = registry.log.filter((entry) =>
+    entry.host === "reg.example" && entry.path.includes("/blobs/")
+  );
   const toStorage = registry.log.filter((entry) => entry.host === "storage.example");
   assert.equal(toStorage.length, 1);
   assert.equal(toStorage[0].authorization, undefined);
-  assert.equal(toStorage[0].url, `https://storage.example/_storage/${descriptor.digest}?sig=S3CR3T`);
+  assert.equal(
+    toStorage[0].url,
+    `https://storage.example/_storage/${descriptor.digest}?sig=S3CR3T`,
+  );
   assert.match(toRegistry.at(-1)?.authorization ?? "", /^Bearer /);
 });
 
@@ -367,14 +418,19 @@ test("openBlob() resumes through a redirect", async () => {
   registry.addFault({ match: "/_storage/", resetAfter: 1200 });
 
   assert.deepEqual(await readAll(client.openBlob(ref, descriptor)), bytes);
-  const ranges = registry.log.filter((entry) => entry.host === "storage.example").map((entry) => entry.range);
+  const ranges = registry.log.filter((entry) => entry.host === "storage.example").map((entry) =>
+    entry.range
+  );
   assert.deepEqual(ranges, [undefined, "bytes=1200-"]);
 });
 
 test("openBlob() rejects HTTPS to HTTP redirects", async () => {
   const { registry, client, ref } = setup();
   const descriptor = registry.addBlob(blobBytes(10));
-  registry.route("reg.example", () => new Response(null, { status: 302, headers: { location: "http://storage.example/x" } }));
+  registry.route(
+    "reg.example",
+    () => new Response(null, { status: 302, headers: { location: "http://storage.example/x" } }),
+  );
   await assert.rejects(readAll(client.openBlob(ref, descriptor)), /leaves HTTPS/);
 });
 
@@ -390,7 +446,10 @@ test("openBlob() refuses foreign layers by default", async () => {
     assert.ok(error instanceof ForeignLayerError);
     assert.equal(error.digest, descriptor.digest);
     assert.deepEqual(error.urls, descriptor.urls);
-    assert.match(error.message, /foreign media type "application\/vnd\.docker\.image\.rootfs\.foreign\.diff\.tar\.gzip"/);
+    assert.match(
+      error.message,
+      /foreign media type "application\/vnd\.docker\.image\.rootfs\.foreign\.diff\.tar\.gzip"/,
+    );
     assert.match(error.message, /go\.microsoft\.com\/fwlink/);
     assert.match(error.message, /--allow-foreign-urls/);
     return true;
@@ -405,7 +464,10 @@ test("openBlob() fetches allowed foreign layers", async () => {
   const seen: Request[] = [];
   registry.route("go.microsoft.com", (request) => {
     seen.push(request);
-    return new Response(null, { status: 302, headers: { location: "https://download.example/layer.tar.gz" } });
+    return new Response(null, {
+      status: 302,
+      headers: { location: "https://download.example/layer.tar.gz" },
+    });
   });
   registry.route("download.example", (request) => {
     seen.push(request);
@@ -429,7 +491,11 @@ test("openBlob() falls back to the registry for foreign layers", async () => {
   const { registry, client, ref } = setup({}, { allowForeignUrls: true, retries: 0 });
   const bytes = blobBytes(500);
   const stored = registry.addBlob(bytes);
-  const descriptor = { ...stored, mediaType: MediaType.ociLayerNondistributableGzip, urls: ["https://gone.example/x"] };
+  const descriptor = {
+    ...stored,
+    mediaType: MediaType.ociLayerNondistributableGzip,
+    urls: ["https://gone.example/x"],
+  };
   assert.deepEqual(await readAll(client.openBlob(ref, descriptor)), bytes);
   assert.equal(registry.requests("/blobs/").length, 1);
 });
@@ -439,7 +505,10 @@ test("openBlob() stops when aborted", async () => {
   const descriptor = registry.addBlob(blobBytes(100));
   const controller = new AbortController();
   controller.abort(new Error("stop now"));
-  await assert.rejects(readAll(client.openBlob(ref, descriptor, { signal: controller.signal })), /stop now/);
+  await assert.rejects(
+    readAll(client.openBlob(ref, descriptor, { signal: controller.signal })),
+    /stop now/,
+  );
 });
 
 test("getBlob() returns small blobs", async () => {
@@ -465,29 +534,48 @@ test("listTags() bounds Retry-After and reports rate limits", async () => {
   registry.pushImage("app", "latest", []);
   registry.addFault({ match: "/tags/list", status: 429, retryAfter: "3600", times: 3 });
 
-  await assert.rejects(client.listTags({ registry: "reg.example", repository: "app" }), (error: unknown) => {
-    assert.ok(error instanceof RegistryError);
-    assert.equal(error.status, 429);
-    assert.equal(error.retryAfterMs, 3_600_000);
-    assert.match(error.message, /rate limited/);
-    assert.match(error.message, /Retry-After: "3600"/);
-    return true;
-  });
+  await assert.rejects(
+    client.listTags({ registry: "reg.example", repository: "app" }),
+    (error: unknown) => {
+      assert.ok(error instanceof RegistryError);
+      assert.equal(error.status, 429);
+      assert.equal(error.retryAfterMs, 3_600_000);
+      assert.match(error.message, /rate limited/);
+      assert.match(error.message, /Retry-After: "3600"/);
+      return true;
+    },
+  );
   assert.deepEqual(delays, [5000, 5000]);
 });
 
 test("listTags() follows pagination", async () => {
   const { registry, client } = setup();
-  for (const tag of ["a", "b", "c", "d", "e"]) registry.pushImage("app", tag, [], { platform: { os: "linux", architecture: tag } });
+  for (const tag of ["a", "b", "c", "d", "e"]) {
+    registry.pushImage("app", tag, [], { platform: { os: "linux", architecture: tag } });
+  }
   const original = registry.fetch;
   const fetchFirstPageOfTwo: typeof fetch = (input, init) => {
     const url = new URL(input instanceof Request ? input.url : String(input));
-    if (url.pathname.endsWith("/tags/list") && !url.searchParams.has("n")) url.searchParams.set("n", "2");
+    if (url.pathname.endsWith("/tags/list") && !url.searchParams.has("n")) {
+      url.searchParams.set("n", "2");
+    }
     return original(url, init);
   };
   const paged = new RegistryClient({ fetch: fetchFirstPageOfTwo });
-  assert.deepEqual(await paged.listTags({ registry: "reg.example", repository: "app" }), ["a", "b", "c", "d", "e"]);
-  assert.deepEqual(await client.listTags({ registry: "reg.example", repository: "app" }), ["a", "b", "c", "d", "e"]);
+  assert.deepEqual(await paged.listTags({ registry: "reg.example", repository: "app" }), [
+    "a",
+    "b",
+    "c",
+    "d",
+    "e",
+  ]);
+  assert.deepEqual(await client.listTags({ registry: "reg.example", repository: "app" }), [
+    "a",
+    "b",
+    "c",
+    "d",
+    "e",
+  ]);
 });
 
 test("RegistryError URLs hide secrets", async () => {
@@ -508,7 +596,10 @@ test("RegistryClient works over HTTP on 127.0.0.1", async () => {
   const server = await registry.listen();
   try {
     const bytes = blobBytes(300_000, 11);
-    const image = registry.pushImage("team/app", "1.0", [{ bytes, mediaType: MediaType.ociLayerGzip }]);
+    const image = registry.pushImage("team/app", "1.0", [{
+      bytes,
+      mediaType: MediaType.ociLayerGzip,
+    }]);
     registry.addFault({ match: "/blobs/sha256", resetAfter: 100_000 });
     const client = new RegistryClient({ sleep: () => Promise.resolve() });
     const ref: ImageReference = { registry: server.host, repository: "team/app", tag: "1.0" };
@@ -520,7 +611,9 @@ test("RegistryClient works over HTTP on 127.0.0.1", async () => {
     assert.deepEqual(layer, bytes);
     // How much of the prefix a runtime delivers before it reports the reset varies (Bun delivers
     // none), so the second request may start at 0 or resume with Range.
-    const ranges = registry.requests(`/blobs/${image.layers[0].digest}`).map((entry) => entry.range);
+    const ranges = registry.requests(`/blobs/${image.layers[0].digest}`).map((entry) =>
+      entry.range
+    );
     assert.equal(ranges.length, 2);
     assert.equal(ranges[0], undefined);
     assert.ok(ranges[1] === undefined || /^bytes=[0-9]+-$/.test(ranges[1]), ranges[1]);
@@ -531,7 +624,9 @@ test("RegistryClient works over HTTP on 127.0.0.1", async () => {
 
 test("RegistryClient sends basic credentials", async () => {
   const auth = { type: "basic" as const, username: "ci", password: "p4ss:word" };
-  const { registry, client, ref } = setup({ auth }, { credentials: staticCredentials({ username: "ci", password: "p4ss:word" }) });
+  const { registry, client, ref } = setup({ auth }, {
+    credentials: staticCredentials({ username: "ci", password: "p4ss:word" }),
+  });
   registry.pushImage("team/app", "1.0", []);
 
   await client.getManifest(ref);
@@ -545,7 +640,9 @@ test("RegistryClient sends basic credentials", async () => {
 });
 
 test("RegistryClient explains missing credentials", async () => {
-  const { registry, client, ref } = setup({ auth: { type: "basic", username: "ci", password: "x" } });
+  const { registry, client, ref } = setup({
+    auth: { type: "basic", username: "ci", password: "x" },
+  });
   registry.pushImage("team/app", "1.0", []);
   await assert.rejects(client.getManifest(ref), (error: unknown) => {
     assert.ok(error instanceof RegistryError);
@@ -570,21 +667,59 @@ test("RegistryClient explains missing credentials", async () => {
 
 test("errorFromResponse() explains statuses", async () => {
   const json = (status: number, codes: string[], headers: Record<string, string> = {}) =>
-    new Response(JSON.stringify({ errors: codes.map((code) => ({ code, message: code.toLowerCase() })) }), {
-      status,
-      headers,
-    });
+    new Response(
+      JSON.stringify({ errors: codes.map((code) => ({ code, message: code.toLowerCase() })) }),
+      {
+        status,
+        headers,
+      },
+    );
   const url = "https://reg.example/v2/foo/manifests/x";
   const subject = { registry: "127.0.0.1:5000", repository: "foo" };
   const table: [Response, Parameters<typeof errorFromResponse>[3], RegExp, boolean][] = [
-    [json(404, ["MANIFEST_UNKNOWN"]), { ...subject, manifest: "x" }, /^manifest unknown: tag "x" not found in 127\.0\.0\.1:5000\/foo: check the tag/, false],
-    [json(404, ["MANIFEST_UNKNOWN"]), { ...subject, manifest: `sha256:${"a".repeat(64)}` }, /manifest unknown: digest "sha256:a+" not found/, false],
-    [json(404, ["NAME_UNKNOWN"]), { ...subject, manifest: "x" }, /repository unknown: "127\.0\.0\.1:5000\/foo" not found/, false],
-    [json(404, ["BLOB_UNKNOWN"]), { ...subject, blob: "sha256:b" }, /blob unknown: "sha256:b" not found in 127\.0\.0\.1:5000\/foo/, false],
-    [json(401, ["UNAUTHORIZED"]), subject, /authentication required \(status 401\).*docker login.*OCISTAGE_USERNAME/, false],
-    [json(401, ["UNAUTHORIZED"]), { ...subject, credentialsSent: true }, /rejected the credentials/, false],
+    [
+      json(404, ["MANIFEST_UNKNOWN"]),
+      { ...subject, manifest: "x" },
+      /^manifest unknown: tag "x" not found in 127\.0\.0\.1:5000\/foo: check the tag/,
+      false,
+    ],
+    [
+      json(404, ["MANIFEST_UNKNOWN"]),
+      { ...subject, manifest: `sha256:${"a".repeat(64)}` },
+      /manifest unknown: digest "sha256:a+" not found/,
+      false,
+    ],
+    [
+      json(404, ["NAME_UNKNOWN"]),
+      { ...subject, manifest: "x" },
+      /repository unknown: "127\.0\.0\.1:5000\/foo" not found/,
+      false,
+    ],
+    [
+      json(404, ["BLOB_UNKNOWN"]),
+      { ...subject, blob: "sha256:b" },
+      /blob unknown: "sha256:b" not found in 127\.0\.0\.1:5000\/foo/,
+      false,
+    ],
+    [
+      json(401, ["UNAUTHORIZED"]),
+      subject,
+      /authentication required \(status 401\).*docker login.*OCISTAGE_USERNAME/,
+      false,
+    ],
+    [
+      json(401, ["UNAUTHORIZED"]),
+      { ...subject, credentialsSent: true },
+      /rejected the credentials/,
+      false,
+    ],
     [json(403, ["DENIED"]), subject, /access denied \(status 403\).*may pull "foo"/, false],
-    [json(429, ["TOOMANYREQUESTS"], { "retry-after": "7" }), subject, /^rate limited by 127\.0\.0\.1:5000 \(Retry-After: "7"\)/, true],
+    [
+      json(429, ["TOOMANYREQUESTS"], { "retry-after": "7" }),
+      subject,
+      /^rate limited by 127\.0\.0\.1:5000 \(Retry-After: "7"\)/,
+      true,
+    ],
     [json(503, []), subject, /server error 503 .* retry later/, true],
     [json(500, ["UNKNOWN"]), subject, /server error 500/, true],
     [json(408, []), subject, /unexpected status 408/, true],
@@ -599,7 +734,11 @@ test("errorFromResponse() explains statuses", async () => {
     assert.equal(error.status, response.status);
   }
 
-  const rateLimited = await errorFromResponse(json(429, ["TOOMANYREQUESTS"], { "retry-after": "7" }), "GET", url);
+  const rateLimited = await errorFromResponse(
+    json(429, ["TOOMANYREQUESTS"], { "retry-after": "7" }),
+    "GET",
+    url,
+  );
   assert.deepEqual(rateLimited.codes, ["TOOMANYREQUESTS"]);
   assert.equal(rateLimited.retryAfterMs, 7000);
   assert.match(rateLimited.message, /registry message: "toomanyrequests"/);
@@ -630,7 +769,10 @@ test("redactUrl() removes credentials and tokens", () => {
       "https://s3.example/b?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&X-Amz-Date=1",
     ],
     ["https://cdn.example/b?sig=S&se=2024", "https://cdn.example/b?sig=REDACTED&se=2024"],
-    ["https://auth.example/token?service=s&access_token=t", "https://auth.example/token?service=s&access_token=REDACTED"],
+    [
+      "https://auth.example/token?service=s&access_token=t",
+      "https://auth.example/token?service=s&access_token=REDACTED",
+    ],
     ["not a url", "not a url"],
   ];
   for (const [input, expected] of table) assert.equal(redactUrl(input), expected);
@@ -644,7 +786,10 @@ test("getManifest() retries a cut-off body", async () => {
   ];
   for (const [name, fault] of cases) {
     const { registry, client, ref, events } = setup({}, { timeoutMs: 300 });
-    const image = registry.pushImage("team/app", "1.0", [{ bytes: blobBytes(10), mediaType: MediaType.ociLayerGzip }]);
+    const image = registry.pushImage("team/app", "1.0", [{
+      bytes: blobBytes(10),
+      mediaType: MediaType.ociLayerGzip,
+    }]);
     registry.addFault({ match: "/manifests/", ...fault });
 
     const fetched = await client.getManifest(ref);

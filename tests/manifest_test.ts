@@ -27,7 +27,11 @@ const DOCKER_MANIFEST = {
   ],
 };
 
-function entry(char: string, platform?: Record<string, string>, mediaType: string = MediaType.dockerManifest) {
+function entry(
+  char: string,
+  platform?: Record<string, string>,
+  mediaType: string = MediaType.dockerManifest,
+) {
   return platform
     ? { mediaType, size: 528, digest: digestOf(char), platform }
     : { mediaType, size: 528, digest: digestOf(char) };
@@ -44,7 +48,11 @@ function index(...manifests: unknown[]): ImageIndex {
 }
 
 test("parseManifest() reads a Docker v2 manifest", () => {
-  const manifest = parseManifest(encode(DOCKER_MANIFEST), MediaType.dockerManifest, "ref") as ImageManifest;
+  const manifest = parseManifest(
+    encode(DOCKER_MANIFEST),
+    MediaType.dockerManifest,
+    "ref",
+  ) as ImageManifest;
   assert.equal(isImageIndex(manifest), false);
   assert.equal(manifest.mediaType, MediaType.dockerManifest);
   assert.equal(manifest.config.digest, digestOf("1"));
@@ -62,11 +70,23 @@ test("parseManifest() detects the type", () => {
     [untyped, undefined, MediaType.ociManifest],
     [untyped, "application/json", MediaType.ociManifest],
     [{ schemaVersion: 2, manifests: [] }, undefined, MediaType.ociIndex],
-    [{ schemaVersion: 2, manifests: [] }, MediaType.dockerManifestList, MediaType.dockerManifestList],
-    [{ ...DOCKER_MANIFEST, mediaType: MediaType.ociManifest }, MediaType.dockerManifest, MediaType.ociManifest],
+    [
+      { schemaVersion: 2, manifests: [] },
+      MediaType.dockerManifestList,
+      MediaType.dockerManifestList,
+    ],
+    [
+      { ...DOCKER_MANIFEST, mediaType: MediaType.ociManifest },
+      MediaType.dockerManifest,
+      MediaType.ociManifest,
+    ],
   ];
   for (const [document, contentType, expected] of cases) {
-    assert.equal(parseManifest(encode(document), contentType, "ref").mediaType, expected, `${contentType}`);
+    assert.equal(
+      parseManifest(encode(document), contentType, "ref").mediaType,
+      expected,
+      `${contentType}`,
+    );
   }
 });
 
@@ -89,7 +109,10 @@ test("parseManifest() keeps OCI index fields", () => {
   );
   assert.ok(isImageIndex(parsed));
   assert.equal(parsed.manifests[0].platform?.["os.version"], "10.0.17763.1");
-  assert.equal(parsed.manifests[0].annotations?.["vnd.docker.reference.type"], "attestation-manifest");
+  assert.equal(
+    parsed.manifests[0].annotations?.["vnd.docker.reference.type"],
+    "attestation-manifest",
+  );
   assert.equal(parsed.annotations?.["org.opencontainers.image.created"], "2024-01-01T00:00:00Z");
 });
 
@@ -102,23 +125,40 @@ test("parseManifest() rejects schema 1", () => {
     [{ ...DOCKER_MANIFEST, mediaType: MediaType.dockerManifestSchema1 }, undefined],
   ];
   for (const [document, contentType] of cases) {
-    assert.throws(() => parseManifest(encode(document), contentType, "old:image"), (error: unknown) => {
-      assert.ok(error instanceof ManifestError);
-      assert.equal(error.source, "old:image");
-      assert.match(error.message, /schema 1, which is unsupported: re-push the image with a current client/);
-      return true;
-    });
+    assert.throws(
+      () => parseManifest(encode(document), contentType, "old:image"),
+      (error: unknown) => {
+        assert.ok(error instanceof ManifestError);
+        assert.equal(error.source, "old:image");
+        assert.match(
+          error.message,
+          /schema 1, which is unsupported: re-push the image with a current client/,
+        );
+        return true;
+      },
+    );
   }
 });
 
 test("parseManifest() rejects invalid documents", () => {
   const layer = DOCKER_MANIFEST.layers[0];
-  const withLayer = (changes: Record<string, unknown>) => ({ ...DOCKER_MANIFEST, layers: [{ ...layer, ...changes }] });
+  const withLayer = (changes: Record<string, unknown>) => ({
+    ...DOCKER_MANIFEST,
+    layers: [{ ...layer, ...changes }],
+  });
   const cases: [string | unknown, string | undefined, RegExp][] = [
     ["{not json", undefined, /not valid JSON/],
     ["[1,2]", undefined, /not a JSON object/],
-    [{ ...DOCKER_MANIFEST, mediaType: "application/vnd.example.thing+json" }, undefined, /unsupported media type "application\/vnd.example.thing\+json"/],
-    [{ schemaVersion: 2, foo: 1 }, "application/vnd.example.other+json", /unsupported media type "application\/vnd.example.other\+json"/],
+    [
+      { ...DOCKER_MANIFEST, mediaType: "application/vnd.example.thing+json" },
+      undefined,
+      /unsupported media type "application\/vnd.example.thing\+json"/,
+    ],
+    [
+      { schemaVersion: 2, foo: 1 },
+      "application/vnd.example.other+json",
+      /unsupported media type "application\/vnd.example.other\+json"/,
+    ],
     [{ schemaVersion: 2, foo: 1 }, undefined, /no mediaType/],
     [{ ...DOCKER_MANIFEST, schemaVersion: 3 }, undefined, /schemaVersion 3/],
     [{ ...DOCKER_MANIFEST, config: undefined }, undefined, /config is missing/],
@@ -131,11 +171,25 @@ test("parseManifest() rejects invalid documents", () => {
     [withLayer({ digest: `sha512:${"a".repeat(128)}` }), undefined, /only sha256/],
     [withLayer({ mediaType: undefined }), undefined, /layers\[0\]\.mediaType is missing/],
     [withLayer({ urls: "https://x" }), undefined, /layers\[0\]\.urls is not an array/],
-    [withLayer({ annotations: { a: 1 } }), undefined, /layers\[0\]\.annotations\.a is not a string/],
-    [{ schemaVersion: 2, mediaType: MediaType.ociIndex, manifests: [{ ...entry("a"), platform: { os: "linux" } }] }, undefined, /manifests\[0\]\.platform\.architecture/],
+    [
+      withLayer({ annotations: { a: 1 } }),
+      undefined,
+      /layers\[0\]\.annotations\.a is not a string/,
+    ],
+    [
+      {
+        schemaVersion: 2,
+        mediaType: MediaType.ociIndex,
+        manifests: [{ ...entry("a"), platform: { os: "linux" } }],
+      },
+      undefined,
+      /manifests\[0\]\.platform\.architecture/,
+    ],
   ];
   for (const [document, contentType, reason] of cases) {
-    const bytes = typeof document === "string" ? new TextEncoder().encode(document) : encode(document);
+    const bytes = typeof document === "string"
+      ? new TextEncoder().encode(document)
+      : encode(document);
     assert.throws(
       () => parseManifest(bytes, contentType, "ref"),
       (error: unknown) => error instanceof ManifestError && reason.test(error.message),
@@ -162,13 +216,27 @@ test("layerCompression() maps layer media types", () => {
 test("foreignLayerUrls() needs a foreign type and urls", () => {
   const base = { size: 1, digest: digestOf("f") as `sha256:${string}` };
   assert.deepEqual(
-    foreignLayerUrls({ ...base, mediaType: MediaType.dockerForeignLayerGzip, urls: ["https://a/b"] }),
+    foreignLayerUrls({
+      ...base,
+      mediaType: MediaType.dockerForeignLayerGzip,
+      urls: ["https://a/b"],
+    }),
     ["https://a/b"],
   );
-  assert.equal(foreignLayerUrls({ ...base, mediaType: MediaType.dockerForeignLayerGzip }), undefined);
-  assert.equal(foreignLayerUrls({ ...base, mediaType: MediaType.dockerLayerGzip, urls: ["https://a"] }), undefined);
+  assert.equal(
+    foreignLayerUrls({ ...base, mediaType: MediaType.dockerForeignLayerGzip }),
+    undefined,
+  );
+  assert.equal(
+    foreignLayerUrls({ ...base, mediaType: MediaType.dockerLayerGzip, urls: ["https://a"] }),
+    undefined,
+  );
   assert.deepEqual(
-    foreignLayerUrls({ ...base, mediaType: MediaType.ociLayerNondistributableGzip, urls: ["https://c"] }),
+    foreignLayerUrls({
+      ...base,
+      mediaType: MediaType.ociLayerNondistributableGzip,
+      urls: ["https://c"],
+    }),
     ["https://c"],
   );
 });
@@ -207,7 +275,11 @@ test("selectManifest() chooses by platform", () => {
     ["windows/amd64", "7"],
   ];
   for (const [platform, expected] of table) {
-    assert.equal(selectManifest(list, parsePlatform(platform), "ref").digest, digestOf(expected), platform);
+    assert.equal(
+      selectManifest(list, parsePlatform(platform), "ref").digest,
+      digestOf(expected),
+      platform,
+    );
   }
 });
 
@@ -217,7 +289,15 @@ test("selectManifest() prefers closest lower ARM variant", () => {
     entry("6", { architecture: "arm", os: "linux", variant: "v6" }),
   );
   assert.equal(selectManifest(list, parsePlatform("linux/arm/v7"), "ref").digest, digestOf("6"));
-  assert.throws(() => selectManifest(index(entry("7", { architecture: "arm", os: "linux", variant: "v7" })), parsePlatform("linux/arm/v6"), "ref"), PlatformNotFoundError);
+  assert.throws(
+    () =>
+      selectManifest(
+        index(entry("7", { architecture: "arm", os: "linux", variant: "v7" })),
+        parsePlatform("linux/arm/v6"),
+        "ref",
+      ),
+    PlatformNotFoundError,
+  );
 });
 
 test("selectManifest() falls back to no variant", () => {
@@ -248,11 +328,14 @@ test("selectManifest() lists platforms when none match", () => {
     entry("0", { architecture: "unknown", os: "unknown" }),
     entry("c", { architecture: "amd64", os: "linux" }, MediaType.dockerConfig),
   );
-  assert.throws(() => selectManifest(list, parsePlatform("linux/riscv64"), "reg.example/app:1"), (error: unknown) => {
-    assert.ok(error instanceof PlatformNotFoundError);
-    assert.equal(error.requested, "linux/riscv64");
-    assert.deepEqual(error.available, ["linux/amd64", "linux/arm/v7"]);
-    assert.match(error.message, /reg\.example\/app:1/);
-    return true;
-  });
+  assert.throws(
+    () => selectManifest(list, parsePlatform("linux/riscv64"), "reg.example/app:1"),
+    (error: unknown) => {
+      assert.ok(error instanceof PlatformNotFoundError);
+      assert.equal(error.requested, "linux/riscv64");
+      assert.deepEqual(error.available, ["linux/amd64", "linux/arm/v7"]);
+      assert.match(error.message, /reg\.example\/app:1/);
+      return true;
+    },
+  );
 });

@@ -104,12 +104,20 @@ test("registryBaseUrl() maps hosts to schemes", () => {
     ["127.0.0.1:5000", {}, "http://127.0.0.1:5000"],
     ["[::1]:5000", {}, "http://[::1]:5000"],
     ["127.0.0.2:5000", {}, "https://127.0.0.2:5000"],
-    ["docker.io", { registryUrl: "https://registry.hub.docker.com" }, "https://registry-1.docker.io"],
+    [
+      "docker.io",
+      { registryUrl: "https://registry.hub.docker.com" },
+      "https://registry-1.docker.io",
+    ],
     ["10.0.0.5:5000", { registryUrl: "http://10.0.0.5:5000/" }, "http://10.0.0.5:5000"],
     ["other.example", { registryUrl: "http://10.0.0.5:5000" }, "https://other.example"],
   ];
   for (const [registry, options, expected] of table) {
-    assert.equal(registryBaseUrl(registry, options), expected, `${registry} ${JSON.stringify(options)}`);
+    assert.equal(
+      registryBaseUrl(registry, options),
+      expected,
+      `${registry} ${JSON.stringify(options)}`,
+    );
   }
 });
 

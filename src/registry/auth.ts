@@ -237,7 +237,10 @@ function configKeyRegistry(key: string): string {
 }
 
 interface DockerConfig {
-  auths?: Record<string, { auth?: string; identitytoken?: string; username?: string; password?: string }>;
+  auths?: Record<
+    string,
+    { auth?: string; identitytoken?: string; username?: string; password?: string }
+  >;
   credHelpers?: Record<string, string>;
   credsStore?: string;
 }
@@ -315,7 +318,9 @@ function decodeAuthEntry(
   path: string,
 ): Credentials | undefined {
   if (entry.identitytoken) return { identityToken: entry.identitytoken };
-  if (entry.username && entry.password) return { username: entry.username, password: entry.password };
+  if (entry.username && entry.password) {
+    return { username: entry.username, password: entry.password };
+  }
   if (!entry.auth) return undefined;
 
   let decoded: string;
@@ -368,7 +373,10 @@ async function runCredentialHelper(
     child.stderr.setEncoding("utf8").on("data", (chunk: string) => {
       if (err.length < MAX_HELPER_OUTPUT) err += chunk;
     });
-    child.on("error", (error) => resolve({ code: null, stdout: out, stderr: err, spawnError: error }));
+    child.on(
+      "error",
+      (error) => resolve({ code: null, stdout: out, stderr: err, spawnError: error }),
+    );
     child.on("close", (exitCode) => resolve({ code: exitCode, stdout: out, stderr: err }));
     child.stdin.on("error", () => {});
     child.stdin.end(serverUrl);
@@ -457,7 +465,11 @@ export class RegistryAuth {
    * Return the `Authorization` value to send to a registry before any 401,
    * based on the challenge it sent earlier; undefined when none is known yet.
    */
-  async authorization(registry: string, scope: string, signal?: AbortSignal): Promise<string | undefined> {
+  async authorization(
+    registry: string,
+    scope: string,
+    signal?: AbortSignal,
+  ): Promise<string | undefined> {
     const challenge = this.challenges.get(registry);
     if (!challenge) return undefined;
     return await this.authorize(registry, challenge, scope, false, signal);
@@ -504,7 +516,9 @@ export class RegistryAuth {
     }
 
     const scopes = tokenScopes(challenge, scope);
-    const key = `${registry} ${challenge.params.realm} ${challenge.params.service ?? ""} ${scopes.join(" ")}`;
+    const key = `${registry} ${challenge.params.realm} ${challenge.params.service ?? ""} ${
+      scopes.join(" ")
+    }`;
     const cached = this.tokens.get(key);
     if (cached && !refresh && cached.expiresAt > this.now()) return cached.authorization;
 
@@ -613,7 +627,9 @@ export function tokenRequestUrl(challenge: Challenge, scopes: string[]): URL {
   }
   if (url.protocol !== "https:" && url.protocol !== "http:") {
     throw new RegistryError(
-      `bearer challenge has realm "${challenge.params.realm ?? ""}", which is not an http(s) URL: ` +
+      `bearer challenge has realm "${
+        challenge.params.realm ?? ""
+      }", which is not an http(s) URL: ` +
         "check the registry's auth configuration",
       { method: "GET", url: challenge.params.realm ?? "" },
     );
@@ -633,7 +649,9 @@ export async function readLimited(response: Response, limit: number): Promise<Ui
   if (declared > limit) {
     await response.body?.cancel().catch(() => {});
     throw new RangeError(
-      `response of ${redactUrl(response.url) || "the server"} has ${declared} bytes, more than the limit of ${limit}`,
+      `response of ${
+        redactUrl(response.url) || "the server"
+      } has ${declared} bytes, more than the limit of ${limit}`,
     );
   }
   if (!response.body) return new Uint8Array(0);
@@ -648,7 +666,9 @@ export async function readLimited(response: Response, limit: number): Promise<Ui
     if (length > limit) {
       await reader.cancel().catch(() => {});
       throw new RangeError(
-        `response of ${redactUrl(response.url) || "the server"} is longer than the limit of ${limit} bytes`,
+        `response of ${
+          redactUrl(response.url) || "the server"
+        } is longer than the limit of ${limit} bytes`,
       );
     }
     chunks.push(value);

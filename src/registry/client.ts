@@ -13,7 +13,15 @@
  *
  * @module
  */
-import { type Digest, type HasherBackend, isDigest, type Sha256, checkContent, createSha256, sha256Of } from "../digest.ts";
+import {
+  checkContent,
+  createSha256,
+  type Digest,
+  type HasherBackend,
+  isDigest,
+  type Sha256,
+  sha256Of,
+} from "../digest.ts";
 import { DigestMismatchError, ManifestError } from "../errors.ts";
 import {
   type Descriptor,
@@ -27,7 +35,12 @@ import {
   selectManifest,
 } from "../manifest.ts";
 import type { EventHandler } from "../progress.ts";
-import { formatPlatform, type ImageReference, type Platform, registryBaseUrl } from "../reference.ts";
+import {
+  formatPlatform,
+  type ImageReference,
+  type Platform,
+  registryBaseUrl,
+} from "../reference.ts";
 import { type CredentialResolver, readLimited, RegistryAuth } from "./auth.ts";
 import {
   errorFromResponse,
@@ -99,7 +112,7 @@ export interface OpenBlobOptions {
 }
 
 /** One request as the retry loop sends it. */
-interface RegistryRequest {
+export interface RegistryRequest {
   method: string;
   url: string;
   headers?: Record<string, string>;
@@ -225,7 +238,11 @@ export class RegistryClient {
    *
    * @throws {PlatformNotFoundError} when the index has no matching entry.
    */
-  async resolve(ref: ImageReference, platform: Platform, signal?: AbortSignal): Promise<ResolvedManifest> {
+  async resolve(
+    ref: ImageReference,
+    platform: Platform,
+    signal?: AbortSignal,
+  ): Promise<ResolvedManifest> {
     const top = await this.getManifest(ref, undefined, signal);
     let current = top;
     for (let depth = 0; isImageIndex(current.manifest); depth++) {
@@ -240,7 +257,9 @@ export class RegistryClient {
       current = await this.getManifest(ref, entry.digest, signal);
       if (current.bytes.byteLength !== entry.size) {
         throw new DigestMismatchError(
-          `manifest ${entry.digest} for ${formatPlatform(platform)} has ${current.bytes.byteLength} ` +
+          `manifest ${entry.digest} for ${
+            formatPlatform(platform)
+          } has ${current.bytes.byteLength} ` +
             `bytes, but index "${source}" states ${entry.size}: the index is corrupt; re-push the image`,
           entry.digest,
         );
@@ -324,11 +343,19 @@ export class RegistryClient {
    * URLs, without credentials, only with `allowForeignUrls`. Without it the
    * stream errors with {@link ForeignLayerError}.
    */
-  openBlob(ref: ImageReference, descriptor: Descriptor, options: OpenBlobOptions = {}): ReadableStream<Uint8Array> {
+  openBlob(
+    ref: ImageReference,
+    descriptor: Descriptor,
+    options: OpenBlobOptions = {},
+  ): ReadableStream<Uint8Array> {
     return new BlobReader(this, ref, descriptor, options).stream();
   }
 
-  /** Sources of a blob, in order of preference. */
+  /**
+   * Return the sources of a blob, in order of preference.
+   *
+   * @internal for the blob reader.
+   */
   blobSources(ref: ImageReference, descriptor: Descriptor): RegistryRequest[] {
     const registrySource: RegistryRequest = {
       method: "GET",
@@ -345,12 +372,20 @@ export class RegistryClient {
     }
     const external = urls
       .filter((url) => /^https?:\/\//i.test(url))
-      .map((url): RegistryRequest => ({ method: "GET", url, subject: { blob: descriptor.digest } }));
+      .map((url): RegistryRequest => ({
+        method: "GET",
+        url,
+        subject: { blob: descriptor.digest },
+      }));
     return [...external, registrySource];
   }
 
-  /** Settings the blob reader needs. */
-  get settings() {
+  /**
+   * Settings the blob reader needs.
+   *
+   * @internal
+   */
+  get settings(): { retries: number; timeoutMs: number; hasher?: HasherBackend } {
     return {
       retries: this.retries,
       timeoutMs: this.timeoutMs,
@@ -361,6 +396,8 @@ export class RegistryClient {
   /**
    * Send a request with auth, hand-followed redirects and retries; return a
    * 2xx response or throw {@link RegistryError}.
+   *
+   * @internal for the blob reader and token requests.
    */
   async send(request: RegistryRequest, init: RequestInit = {}): Promise<Response> {
     for (let attempt = 0;; attempt++) {
@@ -386,8 +423,17 @@ export class RegistryClient {
     }
   }
 
-  /** Wait before retry `attempt + 1` and report it; `Retry-After` wins over the backoff. */
-  async backoff(request: { method: string; url: string; signal?: AbortSignal }, attempt: number, failure: RegistryError): Promise<void> {
+  /**
+   * Wait before retry `attempt + 1` and report it. A `Retry-After` delay, bounded by
+   * `maxRetryDelayMs`, replaces the exponential backoff.
+   *
+   * @internal
+   */
+  async backoff(
+    request: { method: string; url: string; signal?: AbortSignal },
+    attempt: number,
+    failure: RegistryError,
+  ): Promise<void> {
     const exponential = Math.min(this.maxRetryDelayMs, this.retryDelayMs * 2 ** attempt);
     const jittered = Math.round(exponential * (0.5 + Math.random() * 0.5));
     const delayMs = failure.retryAfterMs === undefined
@@ -407,9 +453,9 @@ export class RegistryClient {
   /** Send one attempt: auth, one repeat after a 401 challenge, and redirects, without retries. */
   private async sendOnce(request: RegistryRequest, init: RequestInit): Promise<Response> {
     const origin = new URL(request.url).origin;
-    let authorization = request.registry === undefined
-      ? undefined
-      : await markAuthErrors(this.auth.authorization(request.registry, request.scope ?? "", request.signal));
+    let authorization = request.registry === undefined ? undefined : await markAuthErrors(
+      this.auth.authorization(request.registry, request.scope ?? "", request.signal),
+    );
     let answeredChallenge = false;
     let url = request.url;
 
@@ -422,9 +468,16 @@ export class RegistryClient {
       // Credentials belong to the origin they were meant for, never to a redirect target.
       if (!sameOrigin) headers.delete("authorization");
 
-      const response = await this.fetchWithTimeout(url, { ...init, method: init.method ?? request.method, headers }, request);
+      const response = await this.fetchWithTimeout(url, {
+        ...init,
+        method: init.method ?? request.method,
+        headers,
+      }, request);
 
-      if (response.status === 401 && sameOrigin && request.registry !== undefined && !answeredChallenge) {
+      if (
+        response.status === 401 && sameOrigin && request.registry !== undefined &&
+        !answeredChallenge
+      ) {
         answeredChallenge = true;
         const next = await markAuthErrors(this.auth.respond(
           request.registry,
@@ -451,7 +504,9 @@ export class RegistryClient {
       return withUrl(response, url);
     }
     throw new RegistryError(
-      `too many redirects (more than ${MAX_REDIRECTS}) for ${request.method} ${redactUrl(request.url)}: ` +
+      `too many redirects (more than ${MAX_REDIRECTS}) for ${request.method} ${
+        redactUrl(request.url)
+      }: ` +
         "check the registry address",
       { method: request.method, url: request.url },
     );
@@ -471,7 +526,11 @@ export class RegistryClient {
   }
 
   /** Fetch with `redirect: "manual"`, failing as retryable when headers take longer than the timeout. */
-  private async fetchWithTimeout(url: string, init: RequestInit, request: RegistryRequest): Promise<Response> {
+  private async fetchWithTimeout(
+    url: string,
+    init: RequestInit,
+    request: RegistryRequest,
+  ): Promise<Response> {
     const outer = request.signal;
     if (outer?.aborted) throw outer.reason;
     const controller = new AbortController();
@@ -486,7 +545,9 @@ export class RegistryClient {
       return await this.fetchImpl(url, { ...init, redirect: "manual", signal });
     } catch (error) {
       if (outer?.aborted) throw outer.reason;
-      if (timedOut) throw timeoutError(init.method ?? "GET", url, this.timeoutMs, "response headers");
+      if (timedOut) {
+        throw timeoutError(init.method ?? "GET", url, this.timeoutMs, "response headers");
+      }
       throw networkError(init.method ?? "GET", url, error);
     } finally {
       clearTimeout(timer);
@@ -497,22 +558,36 @@ export class RegistryClient {
    * Send a request and read its body whole (at most 4 MiB), retrying when
    * the body fails or stalls as well as when the request does.
    */
-  private async fetchSmall(request: RegistryRequest): Promise<{ response: Response; bytes: Uint8Array }> {
+  private async fetchSmall(
+    request: RegistryRequest,
+  ): Promise<{ response: Response; bytes: Uint8Array }> {
     for (let attempt = 0;; attempt++) {
       const response = await this.send(request);
       try {
-        const bytes = await this.readBody(response, MAX_MANIFEST_BYTES, request.method, request.url);
+        const bytes = await this.readBody(
+          response,
+          MAX_MANIFEST_BYTES,
+          request.method,
+          request.url,
+        );
         return { response, bytes };
       } catch (error) {
         if (request.signal?.aborted) throw request.signal.reason;
-        if (!(error instanceof RegistryError) || !error.retryable || attempt >= this.retries) throw error;
+        if (!(error instanceof RegistryError) || !error.retryable || attempt >= this.retries) {
+          throw error;
+        }
         await this.backoff(request, attempt, error);
       }
     }
   }
 
   /** Read a small body whole, failing when it is over `limit` or takes longer than the timeout. */
-  private async readBody(response: Response, limit: number, method: string, url: string): Promise<Uint8Array> {
+  private async readBody(
+    response: Response,
+    limit: number,
+    method: string,
+    url: string,
+  ): Promise<Uint8Array> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     const stalled = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
@@ -525,7 +600,9 @@ export class RegistryClient {
       const declared = Number(response.headers.get("content-length") ?? NaN);
       if (bytes.byteLength < declared) {
         throw new RegistryError(
-          `body of ${method} ${redactUrl(url)} ended after ${bytes.byteLength} of ${declared} bytes: ` +
+          `body of ${method} ${
+            redactUrl(url)
+          } ended after ${bytes.byteLength} of ${declared} bytes: ` +
             "the connection was cut; retry",
           { method, url, retryable: true },
         );
@@ -619,7 +696,10 @@ class BlobReader {
   }
 
   /** Hash, count and pass on a chunk; return false when it was skipped entirely. */
-  private enqueue(value: Uint8Array, controller: ReadableStreamDefaultController<Uint8Array>): boolean {
+  private enqueue(
+    value: Uint8Array,
+    controller: ReadableStreamDefaultController<Uint8Array>,
+  ): boolean {
     let chunk = value;
     if (this.skip > 0) {
       const dropped = Math.min(this.skip, chunk.byteLength);
@@ -651,7 +731,11 @@ class BlobReader {
       const headers: Record<string, string> = {};
       if (this.received > 0) headers.range = `bytes=${this.received}-`;
       try {
-        const response = await this.client.send({ ...source, headers, signal: this.options.signal });
+        const response = await this.client.send({
+          ...source,
+          headers,
+          signal: this.options.signal,
+        });
         this.acceptBody(response, source);
         return;
       } catch (error) {

@@ -291,7 +291,12 @@ export function networkError(method: string, url: string | URL, cause: unknown):
 }
 
 /** Build a retryable {@link RegistryError} for a response or body that stalled. */
-export function timeoutError(method: string, url: string | URL, timeoutMs: number, what: string): RegistryError {
+export function timeoutError(
+  method: string,
+  url: string | URL,
+  timeoutMs: number,
+  what: string,
+): RegistryError {
   return new RegistryError(
     `timed out after ${timeoutMs} ms waiting for ${what} of ${method} ${redactUrl(url)}: ` +
       "check the network, or raise the timeout",
