@@ -799,3 +799,42 @@ test("getManifest() retries a cut-off body", async () => {
     assert.equal(events.length, 1, name);
   }
 });
+
+test("RegistryClient stops redirect loops", async () => {
+  const { registry, client, ref } = setup();
+  const descriptor = registry.addBlob(blobBytes(10));
+  registry.route(
+    "reg.example",
+    () => new Response(null, { status: 302, headers: { location: "/v2/again" } }),
+  );
+  await assert.rejects(readAll(client.openBlob(ref, descriptor)), /too many redirects/);
+});
+
+test("RegistryClient times out waiting for headers", async () => {
+  let calls = 0;
+  const hanging: typeof fetch = (_input, init) => {
+    calls++;
+    return new Promise((_, reject) => {
+      init?.signal?.addEventListener(
+        "abort",
+        () => reject(new DOMException("aborted", "AbortError")),
+      );
+    });
+  };
+  const client = new RegistryClient({
+    fetch: hanging,
+    timeoutMs: 100,
+    retries: 1,
+    sleep: () => Promise.resolve(),
+  });
+  await assert.rejects(
+    client.getManifest({ registry: "reg.example", repository: "app", tag: "1" }),
+    (error: unknown) => {
+      assert.ok(error instanceof RegistryError);
+      assert.equal(error.retryable, true);
+      assert.match(error.message, /timed out after 100 ms waiting for response headers/);
+      return true;
+    },
+  );
+  assert.equal(calls, 2);
+});

@@ -503,11 +503,9 @@ export class RegistryClient {
       }
       return withUrl(response, url);
     }
+    const described = `${request.method} ${redactUrl(request.url)}`;
     throw new RegistryError(
-      `too many redirects (more than ${MAX_REDIRECTS}) for ${request.method} ${
-        redactUrl(request.url)
-      }: ` +
-        "check the registry address",
+      `too many redirects (more than ${MAX_REDIRECTS}) for ${described}: check the registry address`,
       { method: request.method, url: request.url },
     );
   }
