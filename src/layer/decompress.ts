@@ -1,0 +1,245 @@
+/**
+ * Layer decompression: gzip, zstd or none, chosen by media type and checked
+ * against the magic bytes at the start of the blob.
+ *
+ * gzip goes through `node:zlib` `createGunzip`, because it is the only
+ * decoder that reads multi-member gzip on Deno, Bun and Node (Deno's
+ * `DecompressionStream` stops after the first member). zstd uses
+ * `node:zlib` `createZstdDecompress` where the runtime has it (Deno 2.9, Bun,
+ * Node 22.15 and later) and the `fzstd` package otherwise.
+ *
+ * NOTE: `node:zlib` zstd on Deno 2.9 ends without an error on a truncated
+ * frame. The digest check of the blob and the tar reader's truncation check
+ * catch such input instead.
+ *
+ * @module
+ */
+
+import { Duplex } from "node:stream";
+import * as zlib from "node:zlib";
+import { Decompress as ZstdDecompress } from "fzstd";
+
+import { LayerError } from "../errors.ts";
+
+/** Compression of a layer blob. */
+export type Compression = "gzip" | "zstd" | "none";
+
+const GZIP_MAGIC = [0x1f, 0x8b];
+const ZSTD_MAGIC = [0x28, 0xb5, 0x2f, 0xfd];
+
+/** Bytes read before choosing a decoder: enough for the magic bytes and a tar header. */
+const PEEK_SIZE = 512;
+
+/**
+ * Returns the compression that a layer media type names, or undefined for a
+ * media type that is not a layer.
+ *
+ * Recognises the OCI layer types (`application/vnd.oci.image.layer.v1.tar`,
+ * `+gzip`, `+zstd`, and their `nondistributable` forms) and the Docker types
+ * (`application/vnd.docker.image.rootfs.diff.tar.gzip`, `.foreign.diff.tar.gzip`,
+ * `.diff.tar`). Parameters after `;` and letter case are ignored.
+ */
+export function compressionFromMediaType(mediaType: string): Compression | undefined {
+  const type = mediaType.split(";")[0].trim().toLowerCase();
+  if (type.startsWith("application/vnd.oci.image.layer.")) {
+    if (type.endsWith(".tar")) return "none";
+    if (type.endsWith(".tar+gzip")) return "gzip";
+    if (type.endsWith(".tar+zstd")) return "zstd";
+    return undefined;
+  }
+  if (type.startsWith("application/vnd.docker.image.rootfs.")) {
+    if (type.endsWith(".tar.gzip")) return "gzip";
+    if (type.endsWith(".tar.zstd")) return "zstd";
+    if (type.endsWith(".tar")) return "none";
+    return undefined;
+  }
+  return undefined;
+}
+
+/** Returns the compression that the first bytes of a blob show, or "none". */
+export function compressionFromMagic(head: Uint8Array): Compression {
+  if (startsWith(head, GZIP_MAGIC)) return "gzip";
+  if (startsWith(head, ZSTD_MAGIC)) return "zstd";
+  return "none";
+}
+
+/**
+ * Decompresses a layer blob into its tar stream.
+ *
+ * With `compression` "auto" the magic bytes decide. Otherwise the declared
+ * compression is checked against them. Data that starts with gzip or zstd
+ * magic is decompressed even when declared "none", as Docker and containerd
+ * do. Data declared compressed that has no magic bytes passes through
+ * unchanged only when it starts with a ustar header, and is a
+ * {@linkcode LayerError} otherwise. An empty blob gives an empty stream.
+ * A corrupt compressed stream fails the returned stream with a `LayerError`.
+ * Cancelling the returned stream cancels `input`.
+ *
+ * @example
+ * ```ts
+ * const tar = decompressStream(blob, compressionFromMediaType(descriptor.mediaType) ?? "auto");
+ * ```
+ */
+export function decompressStream(
+  input: ReadableStream<Uint8Array>,
+  compression: Compression | "auto",
+): ReadableStream<Uint8Array> {
+  const inputReader = input.getReader();
+  let output: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  let actual: Compression = "none";
+  const failure: { input?: unknown } = {};
+
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        if (output === undefined) {
+          const head = await peek(inputReader, failure);
+          actual = chooseCompression(head, compression);
+          output = decoded(prefixed(head, inputReader, failure), actual).getReader();
+        }
+        const { done, value } = await output.read();
+        if (done) controller.close();
+        else controller.enqueue(value);
+      } catch (error) {
+        // An input error (a network failure, a digest mismatch) passes through
+        // unchanged, even when the decoder reports it in its own words.
+        if ("input" in failure) throw failure.input;
+        if (error instanceof LayerError) throw error;
+        throw new LayerError(
+          `${actual} decompression of the layer failed (${errorText(error)}): the blob is corrupt; remove it from the cache and fetch it again`,
+          { cause: error },
+        );
+      }
+    },
+    async cancel(reason) {
+      // Only the input's cancellation matters to the caller, so the decoder
+      // is torn down without waiting for it.
+      output?.cancel(reason).catch(() => {});
+      await inputReader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
+}
+
+function startsWith(bytes: Uint8Array, magic: number[]): boolean {
+  if (bytes.length < magic.length) return false;
+  return magic.every((byte, index) => bytes[index] === byte);
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** Reads chunks until at least {@linkcode PEEK_SIZE} bytes or the end of input, and returns them joined. */
+async function peek(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  failure: { input?: unknown },
+): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  while (total < PEEK_SIZE) {
+    const { done, value } = await readInput(reader, failure);
+    if (done) break;
+    chunks.push(value);
+    total += value.length;
+  }
+  if (chunks.length === 1) return chunks[0];
+  const head = new Uint8Array(total);
+  let at = 0;
+  for (const chunk of chunks) {
+    head.set(chunk, at);
+    at += chunk.length;
+  }
+  return head;
+}
+
+function chooseCompression(head: Uint8Array, declared: Compression | "auto"): Compression {
+  const magic = compressionFromMagic(head);
+  if (declared === "auto" || magic !== "none" || head.length === 0) return magic;
+  if (declared === "none" || looksLikeTar(head)) return "none";
+
+  const hex = Array.from(head.subarray(0, 4), (byte) => byte.toString(16).padStart(2, "0")).join(" ");
+  throw new LayerError(
+    `layer declared as ${declared} starts with bytes "${hex}", which are neither gzip, zstd nor tar: check the layer media type or fetch the blob again`,
+  );
+}
+
+function looksLikeTar(head: Uint8Array): boolean {
+  const magic = new TextDecoder().decode(head.subarray(257, 262));
+  return head.length >= PEEK_SIZE && magic === "ustar";
+}
+
+/** Reads one chunk of input and records a read error in `failure`. */
+async function readInput(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  failure: { input?: unknown },
+): Promise<ReadableStreamReadResult<Uint8Array>> {
+  try {
+    return await reader.read();
+  } catch (error) {
+    failure.input = error;
+    throw error;
+  }
+}
+
+/** Returns a stream of `head` followed by the rest of `reader`. */
+function prefixed(
+  head: Uint8Array,
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  failure: { input?: unknown },
+): ReadableStream<Uint8Array> {
+  let sentHead = head.length === 0;
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      if (!sentHead) {
+        sentHead = true;
+        controller.enqueue(head);
+        return;
+      }
+      const { done, value } = await readInput(reader, failure);
+      if (done) controller.close();
+      else controller.enqueue(value);
+    },
+    cancel(reason) {
+      return reader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
+}
+
+function decoded(source: ReadableStream<Uint8Array>, compression: Compression): ReadableStream<Uint8Array> {
+  switch (compression) {
+    case "none":
+      return source;
+    case "gzip":
+      return source.pipeThrough(nodeTransform(zlib.createGunzip()));
+    case "zstd":
+      return source.pipeThrough(zstdTransform());
+  }
+}
+
+function nodeTransform(stream: Duplex): ReadableWritablePair<Uint8Array, Uint8Array> {
+  return Duplex.toWeb(stream) as unknown as ReadableWritablePair<Uint8Array, Uint8Array>;
+}
+
+function zstdTransform(): ReadableWritablePair<Uint8Array, Uint8Array> {
+  const create = (zlib as { createZstdDecompress?: () => Duplex }).createZstdDecompress;
+  if (typeof create === "function") return nodeTransform(create());
+  return fzstdTransform();
+}
+
+/** Creates a zstd decoder on `fzstd`, for runtimes whose `node:zlib` has no zstd (Node before 22.15). */
+function fzstdTransform(): TransformStream<Uint8Array, Uint8Array> {
+  let decoder: ZstdDecompress;
+  return new TransformStream<Uint8Array, Uint8Array>({
+    start(controller) {
+      decoder = new ZstdDecompress((data) => {
+        if (data.length > 0) controller.enqueue(data);
+      });
+    },
+    transform(chunk) {
+      decoder.push(chunk);
+    },
+    flush() {
+      decoder.push(new Uint8Array(0), true);
+    },
+  });
+}
