@@ -1,0 +1,679 @@
+/**
+ * The layer applier: writes the tar changesets of an image's layers, lowest
+ * first, into one root directory.
+ *
+ * Contracts and limits:
+ * - Tar formats: whatever {@linkcode TarReader} reads (ustar, GNU long names,
+ *   PAX, base-256). Sparse files, unknown types and names that are not UTF-8
+ *   are a {@linkcode LayerError} naming the entry.
+ * - Names: a leading `/` or `./`, repeated `/` and `.` components are dropped
+ *   and `..` is collapsed. Empty names, NUL bytes and a `..` that climbs
+ *   above the root are errors. A directory entry for the root itself (`./`,
+ *   `/`) is skipped, so the root keeps its own mode and owner. Any other
+ *   entry type for the root is an error.
+ * - Confinement: every parent directory is resolved inside the root, one
+ *   component at a time with `lstat`. A symlink met on the way is followed as
+ *   if the root were `/`, so `..` stops at the root and absolute targets
+ *   start from it. At most {@linkcode MAX_SYMLINKS} links are followed per
+ *   lookup, then the entry is an error. Parents named by the entry are
+ *   created when missing (mode 0755). Parents reached through a symlink
+ *   target must exist. The last component is never followed. Hardlink
+ *   targets resolve the same way, relative to the root. Nothing is created,
+ *   linked, changed or removed outside the root, whatever the links say.
+ * - Whiteouts: `.wh..wh..opq` (checked first) hides every lower-layer child
+ *   of its directory, and `.wh.NAME` removes NAME and everything below it.
+ *   Both act only on lower layers: paths this layer wrote before or after
+ *   the marker survive, because the applier tracks them. A whiteout never
+ *   follows its last component, and never creates missing parents. A bare
+ *   `.wh.`, `.wh..` or `.wh...` is an error. Whiteout files never appear in
+ *   the result. aufs metadata (`.wh..wh.plnk` and the like) is dropped.
+ * - Replacement: a non-directory replaces whatever is at its path (unlink,
+ *   then create, so a hardlinked peer keeps its content). A directory over a
+ *   directory merges and takes the new metadata. A directory replaces a
+ *   non-directory, including a symlink.
+ * - Duplicates: within one layer the last member with a name wins, as tar
+ *   extraction does. A later non-directory removes a directory written
+ *   earlier in the same layer together with its contents.
+ * - Dropped, each kind counted in one warning event per layer: character and
+ *   block devices, FIFOs, everything below `dev/` (the `dev` directory itself
+ *   stays), hardlinks to a dropped entry, and aufs metadata.
+ * - Modes: kept, setuid, setgid and sticky included. Owner read is added to
+ *   every file and owner read, write and execute to every directory, so the
+ *   result can always be read and removed. Directories stay writable while
+ *   layers are applied and get their final mode and mtime in `finish()`.
+ * - Times: mtimes kept for files, directories and symlinks (`lutimes`).
+ *   atime is set to the mtime.
+ * - Owners: applied only when `owners` is true, by default when running as
+ *   root (uid 0). Otherwise files belong to the calling user.
+ * - xattrs (PAX `SCHILY.xattr.*`, `LIBARCHIVE.xattr.*`): not applied, because
+ *   no runtime has an API for them. Counted in a warning.
+ * - Data after the tar end marker: read to the end, so a verifying stream
+ *   upstream sees every byte. Non-zero trailing bytes are counted in a
+ *   warning.
+ *
+ * The applier writes with synchronous `node:fs` calls, because one awaited
+ * call per entry would cost more than the work itself for small files.
+ * Filesystem access stays in `RootTree` (lookups, deferred directory
+ * metadata) and in the write and remove methods of `LayerWriter`.
+ *
+ * @module
+ */
+
+import * as fs from "node:fs";
+import process from "node:process";
+
+import { LayerError } from "../errors.ts";
+import type { EventHandler } from "../progress.ts";
+import { type TarHandler, type TarHeader, TarReader } from "./tar.ts";
+import { splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
+
+/** Maximum number of symlinks followed while resolving one path, as Linux's `MAXSYMLINKS`. */
+export const MAX_SYMLINKS = 40;
+
+/** Options for {@linkcode LayerApplier} and {@linkcode applyLayers}. */
+export interface ApplyOptions {
+  /** Receives one warning event per kind of dropped or ignored content per layer. */
+  onEvent?: EventHandler;
+  /** Apply the uid and gid of every entry. Default: true when running as root. */
+  owners?: boolean;
+}
+
+/** Identifies a layer in errors and events. */
+export interface LayerInfo {
+  /** Digest of the layer blob. */
+  digest?: string;
+  /** 0-based position of the layer in the manifest. */
+  index?: number;
+}
+
+/** Counts of what one layer changed. */
+export interface LayerStats {
+  /** Tar entries read, whiteouts and dropped entries included. */
+  entries: number;
+  files: number;
+  directories: number;
+  symlinks: number;
+  hardlinks: number;
+  /** Whiteout files and opaque markers. */
+  whiteouts: number;
+  /** Entries dropped (devices, FIFOs, entries below `dev/`, aufs metadata). */
+  dropped: number;
+  /** Bytes of file content written. */
+  bytes: number;
+}
+
+/** A layer for {@linkcode applyLayers}: its uncompressed tar stream and its digest. */
+export interface LayerSource {
+  digest?: string;
+  tar: ReadableStream<Uint8Array>;
+}
+
+/** Final metadata of a directory, applied by `finish()`. */
+interface DirectoryMetadata {
+  mode: number;
+  mtime?: number;
+  uid?: number;
+  gid?: number;
+}
+
+/** How a path lookup treats a missing component. */
+type Missing = "create" | "require" | "lookup";
+
+/** Warning codes and the sentence each count goes into. */
+const WARNINGS: Record<string, (count: number) => string> = {
+  "device-dropped": (count) => `dropped ${count} character or block device entries`,
+  "fifo-dropped": (count) => `dropped ${count} FIFO entries`,
+  "dev-entry-dropped": (count) => `dropped ${count} entries below dev/`,
+  "hardlink-dropped": (count) => `dropped ${count} hardlinks to dropped entries`,
+  "aufs-metadata-dropped": (count) => `dropped ${count} aufs metadata entries (.wh..wh.*)`,
+  "xattr-ignored": (count) => `ignored the extended attributes of ${count} entries`,
+  "trailing-data": (count) => `ignored ${count} non-zero bytes after the end of the tar archive`,
+};
+
+const OPEN_NEW = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL |
+  (fs.constants.O_NOFOLLOW ?? 0);
+
+/**
+ * Applies layers in order into one root directory; see the module
+ * documentation for every rule.
+ *
+ * @example
+ * ```ts
+ * const applier = new LayerApplier("/tmp/rootfs");
+ * for (const layer of layers) {
+ *   await applier.applyLayer(decompressStream(layer.blob, "gzip"), { digest: layer.digest });
+ * }
+ * applier.finish();
+ * ```
+ */
+export class LayerApplier {
+  /** The real path of the root directory (symlinks resolved). */
+  readonly root: string;
+  readonly #tree: RootTree;
+  readonly #onEvent?: EventHandler;
+
+  /** Prepares to apply layers into `root`, which must be an existing directory (new or empty). */
+  constructor(root: string, options: ApplyOptions = {}) {
+    let real: string;
+    try {
+      real = fs.realpathSync(root);
+    } catch (cause) {
+      throw new TypeError(`stage root "${root}" does not exist: create the directory first`, { cause });
+    }
+    if (!fs.statSync(real).isDirectory()) {
+      throw new TypeError(`stage root "${root}" is not a directory: pass a new or empty directory`);
+    }
+    this.root = real;
+    this.#tree = new RootTree(real, options.owners ?? process.getuid?.() === 0);
+    this.#onEvent = options.onEvent;
+  }
+
+  /**
+   * Applies one layer from its uncompressed tar stream, reading the stream to
+   * its end. A failure is a {@linkcode LayerError} carrying the layer digest
+   * and, when one entry is to blame, its name. Errors of the stream itself
+   * (a digest mismatch, a network failure) pass through unchanged.
+   */
+  async applyLayer(tar: ReadableStream<Uint8Array>, info: LayerInfo = {}): Promise<LayerStats> {
+    const writer = new LayerWriter(this.#tree, info);
+    const reader = new TarReader(writer);
+    const input = tar.getReader();
+    try {
+      for (;;) {
+        const { done, value } = await input.read();
+        if (done) break;
+        reader.push(value);
+      }
+      reader.end();
+    } catch (error) {
+      writer.abort();
+      input.cancel(error).catch(() => {});
+      if (error instanceof LayerError && error.layer === undefined) error.layer = info.digest;
+      throw error;
+    } finally {
+      input.releaseLock();
+    }
+
+    if (reader.trailingNonZeroBytes > 0) writer.warn("trailing-data", reader.trailingNonZeroBytes);
+    if (this.#onEvent !== undefined) writer.emitWarnings(this.#onEvent);
+    return writer.stats;
+  }
+
+  /**
+   * Applies the final mode, mtime and (with owners) uid and gid of every
+   * directory, deepest first. Call once after the last layer.
+   */
+  finish(): void {
+    this.#tree.finish();
+  }
+}
+
+/**
+ * Applies `layers` in order into `root` and then the final directory
+ * metadata. `root` must be an existing directory, new or empty.
+ */
+export async function applyLayers(
+  root: string,
+  layers: Iterable<LayerSource> | AsyncIterable<LayerSource>,
+  options: ApplyOptions = {},
+): Promise<void> {
+  const applier = new LayerApplier(root, options);
+  let index = 0;
+  for await (const layer of layers) {
+    await applier.applyLayer(layer.tar, { digest: layer.digest, index });
+    index++;
+  }
+  applier.finish();
+}
+
+/**
+ * The root directory being staged: path lookups confined to it, and the
+ * directory metadata deferred to the end. Shared by the layers of one stage.
+ */
+class RootTree {
+  readonly root: string;
+  readonly owners: boolean;
+  /** Raw parent path (components joined by "/") to the resolved directory path, both relative to the root. */
+  #directories = new Map<string, string>();
+  /** Final metadata of every directory, by resolved path. */
+  #deferred = new Map<string, DirectoryMetadata>();
+
+  constructor(root: string, owners: boolean) {
+    this.root = root;
+    this.owners = owners;
+  }
+
+  /** Returns the absolute path of a path relative to the root. */
+  absolute(path: string): string {
+    return path === "" ? this.root : `${this.root}/${path}`;
+  }
+
+  /** Returns the lstat of a path relative to the root, or undefined when it does not exist. */
+  lstat(path: string): fs.Stats | undefined {
+    return fs.lstatSync(this.absolute(path), { throwIfNoEntry: false });
+  }
+
+  /** Records the final metadata of a directory; with `replace` false an existing record is kept. */
+  deferDirectory(path: string, metadata: DirectoryMetadata, replace: boolean): void {
+    if (replace || !this.#deferred.has(path)) this.#deferred.set(path, metadata);
+  }
+
+  /** Forgets cached lookups and deferred metadata at and below a removed directory. */
+  forgetDirectory(path: string): void {
+    this.#directories.clear();
+    if (this.#deferred.size === 0) return;
+    const prefix = path === "" ? "" : `${path}/`;
+    for (const key of this.#deferred.keys()) {
+      if (key === path || key.startsWith(prefix)) this.#deferred.delete(key);
+    }
+  }
+
+  /** Forgets cached lookups after a symlink that a lookup may have crossed was removed. */
+  forgetLookups(): void {
+    this.#directories.clear();
+  }
+
+  /** Applies the deferred directory metadata, deepest first. */
+  finish(): void {
+    const paths = [...this.#deferred.keys()].sort((a, b) => depth(b) - depth(a));
+    for (const path of paths) {
+      const metadata = this.#deferred.get(path)!;
+      const absolute = this.absolute(path);
+      if (this.owners && metadata.uid !== undefined) fs.lchownSync(absolute, metadata.uid, metadata.gid ?? 0);
+      fs.chmodSync(absolute, metadata.mode);
+      if (metadata.mtime !== undefined) fs.utimesSync(absolute, metadata.mtime, metadata.mtime);
+    }
+    this.#deferred.clear();
+  }
+
+  /**
+   * Resolves a directory given as raw components to a real directory inside
+   * the root and returns its path relative to the root. With "create",
+   * missing components of `parts` are created. Components reached through a
+   * symlink must always exist. With "lookup", a missing or non-directory
+   * component returns undefined; otherwise it is a {@linkcode LayerError}.
+   */
+  resolveDirectory(parts: string[], missing: Missing, entry: string): string | undefined {
+    const key = parts.join("/");
+    const cached = this.#directories.get(key);
+    if (cached !== undefined) return cached;
+
+    let resolved: string[] = [];
+    let prefix = "";
+    let start = 0;
+    for (; start < parts.length; start++) {
+      const next = start === 0 ? parts[0] : `${prefix}/${parts[start]}`;
+      const hit = this.#directories.get(next);
+      if (hit === undefined) break;
+      prefix = next;
+      resolved = hit === "" ? [] : hit.split("/");
+    }
+
+    const budget = { links: 0 };
+    for (let i = start; i < parts.length; i++) {
+      const step = this.#step(resolved, parts[i], missing, budget, entry);
+      if (step === undefined) return undefined;
+      resolved = step;
+      prefix = i === 0 ? parts[0] : `${prefix}/${parts[i]}`;
+      this.#directories.set(prefix, resolved.join("/"));
+    }
+    return resolved.join("/");
+  }
+
+  /** Resolves one component below the real directory `base`, following a symlink chroot-style. */
+  #step(
+    base: string[],
+    name: string,
+    missing: Missing,
+    budget: { links: number },
+    entry: string,
+  ): string[] | undefined {
+    if (name === "" || name === ".") return base;
+    if (name === "..") return base.slice(0, -1);
+
+    const candidate = [...base, name];
+    const path = candidate.join("/");
+    const stat = this.lstat(path);
+    if (stat === undefined) {
+      if (missing === "lookup") return undefined;
+      if (missing === "require") {
+        throw new LayerError(
+          `parent directory "/${path}" of entry "${entry}" does not exist in the image: the layer refers to a missing path`,
+          { entry },
+        );
+      }
+      fs.mkdirSync(this.absolute(path), { mode: 0o755 });
+      this.deferDirectory(path, { mode: 0o755 }, false);
+      return candidate;
+    }
+    if (stat.isDirectory()) return candidate;
+
+    if (stat.isSymbolicLink()) {
+      budget.links++;
+      if (budget.links > MAX_SYMLINKS) {
+        throw new LayerError(
+          `resolving the parent of entry "${entry}" followed more than ${MAX_SYMLINKS} symlinks: the layer has a symlink loop`,
+          { entry },
+        );
+      }
+      const target = fs.readlinkSync(this.absolute(path));
+      let current = target.startsWith("/") ? [] : base;
+      const targetMissing = missing === "lookup" ? "lookup" : "require";
+      for (const part of target.split("/")) {
+        const next = this.#step(current, part, targetMissing, budget, entry);
+        if (next === undefined) return undefined;
+        current = next;
+      }
+      return current;
+    }
+
+    if (missing === "lookup") return undefined;
+    throw new LayerError(
+      `parent "/${path}" of entry "${entry}" is not a directory: the layer writes below a file`,
+      { entry },
+    );
+  }
+}
+
+function depth(path: string): number {
+  let count = 0;
+  for (let i = 0; i < path.length; i++) if (path.charCodeAt(i) === 0x2f) count++;
+  return count;
+}
+
+/** Applies the entries of one layer; the TarReader calls it synchronously. */
+class LayerWriter implements TarHandler {
+  readonly stats: LayerStats = {
+    entries: 0,
+    files: 0,
+    directories: 0,
+    symlinks: 0,
+    hardlinks: 0,
+    whiteouts: 0,
+    dropped: 0,
+    bytes: 0,
+  };
+
+  readonly #tree: RootTree;
+  readonly #info: LayerInfo;
+  /** Resolved paths this layer wrote, and every ancestor of them. */
+  readonly #written = new Set<string>();
+  readonly #writtenAncestors = new Set<string>();
+  /** Normalised names of entries this layer dropped, for hardlinks to them. */
+  readonly #dropped = new Set<string>();
+  readonly #warnings = new Map<string, number>();
+
+  #entry = "";
+  #fd: number | undefined;
+  #file?: TarHeader;
+
+  constructor(tree: RootTree, info: LayerInfo) {
+    this.#tree = tree;
+    this.#info = info;
+  }
+
+  entry(header: TarHeader): void {
+    this.#entry = header.name;
+    this.stats.entries++;
+    try {
+      this.#applyEntry(header);
+    } catch (error) {
+      throw this.#wrap(error);
+    }
+  }
+
+  body(chunk: Uint8Array): void {
+    if (this.#fd === undefined) return;
+    try {
+      let written = 0;
+      while (written < chunk.length) {
+        written += fs.writeSync(this.#fd, chunk, written, chunk.length - written);
+      }
+      this.stats.bytes += chunk.length;
+    } catch (error) {
+      throw this.#wrap(error);
+    }
+  }
+
+  entryEnd(): void {
+    if (this.#fd === undefined) return;
+    const fd = this.#fd;
+    const header = this.#file!;
+    this.#fd = undefined;
+    this.#file = undefined;
+    try {
+      // chown before chmod, because chown clears the setuid and setgid bits.
+      if (this.#tree.owners) fs.fchownSync(fd, header.uid, header.gid);
+      fs.fchmodSync(fd, header.mode | 0o400);
+      fs.futimesSync(fd, header.mtime, header.mtime);
+    } catch (error) {
+      throw this.#wrap(error);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  /** Closes the file being written, if any, after a failure. */
+  abort(): void {
+    if (this.#fd === undefined) return;
+    fs.closeSync(this.#fd);
+    this.#fd = undefined;
+  }
+
+  warn(code: string, count = 1): void {
+    this.#warnings.set(code, (this.#warnings.get(code) ?? 0) + count);
+  }
+
+  emitWarnings(onEvent: EventHandler): void {
+    const layer = this.#info.digest;
+    const where = layer ? ` of layer ${layer}` : this.#info.index !== undefined ? ` of layer ${this.#info.index}` : "";
+    for (const [code, count] of this.#warnings) {
+      onEvent({ type: "warning", code, message: `${WARNINGS[code](count)}${where}`, count, layer });
+    }
+  }
+
+  #wrap(error: unknown): unknown {
+    if (error instanceof LayerError) return error;
+    if (!(error instanceof Error) || !("code" in error)) return error;
+    return new LayerError(
+      `writing entry "${this.#entry}" failed (${error.message}): check free space and permissions of the stage directory`,
+      { entry: this.#entry, cause: error },
+    );
+  }
+
+  #applyEntry(header: TarHeader): void {
+    const parts = splitName(header.name, header.name);
+    if (parts.length === 0) {
+      if (header.type === "dir") return;
+      throw new LayerError(
+        `tar entry "${header.name}" names the root directory but is a ${header.type}: the layer is malformed`,
+        { entry: header.name },
+      );
+    }
+
+    if (this.#drop(header, parts)) return;
+    if (header.xattrs > 0) this.warn("xattr-ignored");
+
+    const base = parts[parts.length - 1];
+    const kind = whiteoutKind(base);
+    if (kind === "opaque") {
+      this.stats.whiteouts++;
+      this.#opaque(parts.slice(0, -1));
+      return;
+    }
+    if (kind === "whiteout") {
+      this.stats.whiteouts++;
+      this.#whiteout(parts.slice(0, -1), whiteoutTarget(base, header.name));
+      return;
+    }
+
+    const parent = this.#tree.resolveDirectory(parts.slice(0, -1), "create", header.name)!;
+    const path = parent === "" ? base : `${parent}/${base}`;
+    switch (header.type) {
+      case "dir":
+        this.#writeDirectory(path, header);
+        break;
+      case "file":
+        this.#writeFile(path, header);
+        break;
+      case "symlink":
+        this.#writeSymlink(path, header);
+        break;
+      case "hardlink":
+        this.#writeHardlink(path, header);
+        break;
+    }
+  }
+
+  /** Drops devices, FIFOs, entries below dev/, aufs metadata and hardlinks to any of them. */
+  #drop(header: TarHeader, parts: string[]): boolean {
+    let code: string | undefined;
+    if (parts[0] === "dev" && parts.length > 1) code = "dev-entry-dropped";
+    else if (header.type === "char" || header.type === "block") code = "device-dropped";
+    else if (header.type === "fifo") code = "fifo-dropped";
+    else if (parts.some((part) => whiteoutKind(part) === "aufs-metadata")) code = "aufs-metadata-dropped";
+    else if (header.type === "hardlink") {
+      const target = splitName(header.linkname, header.name, "link target");
+      const targetName = target.join("/");
+      if ((target[0] === "dev" && target.length > 1) || this.#dropped.has(targetName)) code = "hardlink-dropped";
+    }
+    if (code === undefined) return false;
+
+    this.#dropped.add(parts.join("/"));
+    this.stats.dropped++;
+    this.warn(code);
+    return true;
+  }
+
+  #markWritten(path: string): void {
+    this.#written.add(path);
+    let end = path.lastIndexOf("/");
+    while (end > 0) {
+      const ancestor = path.slice(0, end);
+      if (this.#writtenAncestors.has(ancestor)) return;
+      this.#writtenAncestors.add(ancestor);
+      end = ancestor.lastIndexOf("/");
+    }
+  }
+
+  #whiteout(parentParts: string[], name: string): void {
+    const parent = this.#tree.resolveDirectory(parentParts, "lookup", this.#entry);
+    if (parent === undefined) return;
+    this.#removeLower(parent === "" ? name : `${parent}/${name}`);
+  }
+
+  #opaque(parentParts: string[]): void {
+    const parent = this.#tree.resolveDirectory(parentParts, "lookup", this.#entry);
+    if (parent === undefined) return;
+    for (const child of fs.readdirSync(this.#tree.absolute(parent))) {
+      this.#removeLower(parent === "" ? child : `${parent}/${child}`);
+    }
+  }
+
+  /** Removes what lower layers put at `path`, sparing every path this layer wrote. */
+  #removeLower(path: string): void {
+    const stat = this.#tree.lstat(path);
+    if (stat === undefined) return;
+    const spared = this.#written.has(path) || this.#writtenAncestors.has(path);
+    if (!spared) {
+      this.#remove(path, stat);
+      return;
+    }
+    if (!stat.isDirectory()) return;
+    for (const child of fs.readdirSync(this.#tree.absolute(path))) {
+      this.#removeLower(`${path}/${child}`);
+    }
+  }
+
+  /** Removes whatever is at `path`, without following a symlink there. */
+  #remove(path: string, stat: fs.Stats): void {
+    const absolute = this.#tree.absolute(path);
+    if (stat.isDirectory()) {
+      fs.rmSync(absolute, { recursive: true, force: true });
+      this.#tree.forgetDirectory(path);
+      return;
+    }
+    fs.unlinkSync(absolute);
+    if (stat.isSymbolicLink()) this.#tree.forgetLookups();
+  }
+
+  /** Clears `path` for a new non-directory entry. */
+  #clear(path: string): void {
+    const stat = this.#tree.lstat(path);
+    if (stat !== undefined) this.#remove(path, stat);
+  }
+
+  #writeDirectory(path: string, header: TarHeader): void {
+    const stat = this.#tree.lstat(path);
+    if (stat !== undefined && !stat.isDirectory()) this.#remove(path, stat);
+    if (stat === undefined || !stat.isDirectory()) fs.mkdirSync(this.#tree.absolute(path), { mode: 0o700 });
+
+    this.#tree.deferDirectory(path, {
+      mode: header.mode | 0o700,
+      mtime: header.mtime,
+      uid: header.uid,
+      gid: header.gid,
+    }, true);
+    this.#markWritten(path);
+    this.stats.directories++;
+  }
+
+  #writeFile(path: string, header: TarHeader): void {
+    this.#clear(path);
+    this.#fd = fs.openSync(this.#tree.absolute(path), OPEN_NEW, 0o600);
+    this.#file = header;
+    this.#markWritten(path);
+    this.stats.files++;
+  }
+
+  #writeSymlink(path: string, header: TarHeader): void {
+    if (header.linkname === "") {
+      throw new LayerError(`symlink "${header.name}" has an empty target: the layer is malformed`, {
+        entry: header.name,
+      });
+    }
+    this.#clear(path);
+    const absolute = this.#tree.absolute(path);
+    fs.symlinkSync(header.linkname, absolute);
+    if (this.#tree.owners) fs.lchownSync(absolute, header.uid, header.gid);
+    try {
+      fs.lutimesSync(absolute, header.mtime, header.mtime);
+    } catch (error) {
+      // Runtimes without lutimes keep the creation time of the symlink.
+      if (!isUnsupported(error)) throw error;
+    }
+    this.#markWritten(path);
+    this.stats.symlinks++;
+  }
+
+  #writeHardlink(path: string, header: TarHeader): void {
+    const targetParts = splitName(header.linkname, header.name, "link target");
+    if (targetParts.length === 0) {
+      throw new LayerError(`hardlink "${header.name}" points to the root directory: the layer is malformed`, {
+        entry: header.name,
+      });
+    }
+    const targetParent = this.#tree.resolveDirectory(targetParts.slice(0, -1), "require", header.name)!;
+    const targetBase = targetParts[targetParts.length - 1];
+    const target = targetParent === "" ? targetBase : `${targetParent}/${targetBase}`;
+    const stat = this.#tree.lstat(target);
+    if (stat === undefined || stat.isDirectory()) {
+      const problem = stat === undefined ? "does not exist" : "is a directory";
+      throw new LayerError(
+        `hardlink "${header.name}" points to "${header.linkname}", which ${problem} in the image: the layer is malformed`,
+        { entry: header.name },
+      );
+    }
+    if (target !== path) {
+      this.#clear(path);
+      fs.linkSync(this.#tree.absolute(target), this.#tree.absolute(path));
+    }
+    this.#markWritten(path);
+    this.stats.hardlinks++;
+  }
+}
+
+function isUnsupported(error: unknown): boolean {
+  const code = (error as { code?: string })?.code;
+  return code === "ENOSYS" || code === "ENOTSUP" || code === "ERR_METHOD_NOT_IMPLEMENTED";
+}
