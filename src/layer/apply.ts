@@ -65,7 +65,7 @@ import process from "node:process";
 import { LayerError } from "../errors.ts";
 import type { EventHandler } from "../progress.ts";
 import { type TarHandler, type TarHeader, TarReader } from "./tar.ts";
-import { splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
+import { quoteName, splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
 
 /** Maximum number of symlinks followed while resolving one path, as Linux's `MAXSYMLINKS`. */
 export const MAX_SYMLINKS = 40;
@@ -338,7 +338,7 @@ class RootTree {
       if (missing === "lookup") return undefined;
       if (missing === "require") {
         throw new LayerError(
-          `parent directory "/${path}" of entry "${entry}" does not exist in the image: the layer refers to a missing path`,
+          `parent directory ${quoteName(`/${path}`)} of entry ${quoteName(entry)} does not exist in the image: the layer refers to a missing path`,
           { entry },
         );
       }
@@ -352,7 +352,7 @@ class RootTree {
       budget.links++;
       if (budget.links > MAX_SYMLINKS) {
         throw new LayerError(
-          `resolving the parent of entry "${entry}" followed more than ${MAX_SYMLINKS} symlinks: the layer has a symlink loop`,
+          `resolving the parent of entry ${quoteName(entry)} followed more than ${MAX_SYMLINKS} symlinks: the layer has a symlink loop`,
           { entry },
         );
       }
@@ -369,7 +369,7 @@ class RootTree {
 
     if (missing === "lookup") return undefined;
     throw new LayerError(
-      `parent "/${path}" of entry "${entry}" is not a directory: the layer writes below a file`,
+      `parent ${quoteName(`/${path}`)} of entry ${quoteName(entry)} is not a directory: the layer writes below a file`,
       { entry },
     );
   }
@@ -476,7 +476,7 @@ class LayerWriter implements TarHandler {
     if (error instanceof LayerError) return error;
     if (!(error instanceof Error) || !("code" in error)) return error;
     return new LayerError(
-      `writing entry "${this.#entry}" failed (${error.message}): check free space and permissions of the stage directory`,
+      `writing entry ${quoteName(this.#entry)} failed (${error.message}): check free space and permissions of the stage directory`,
       { entry: this.#entry, cause: error },
     );
   }
@@ -486,7 +486,7 @@ class LayerWriter implements TarHandler {
     if (parts.length === 0) {
       if (header.type === "dir") return;
       throw new LayerError(
-        `tar entry "${header.name}" names the root directory but is a ${header.type}: the layer is malformed`,
+        `tar entry ${quoteName(header.name)} names the root directory but is a ${header.type}: the layer is malformed`,
         { entry: header.name },
       );
     }
@@ -628,7 +628,7 @@ class LayerWriter implements TarHandler {
 
   #writeSymlink(path: string, header: TarHeader): void {
     if (header.linkname === "") {
-      throw new LayerError(`symlink "${header.name}" has an empty target: the layer is malformed`, {
+      throw new LayerError(`symlink ${quoteName(header.name)} has an empty target: the layer is malformed`, {
         entry: header.name,
       });
     }
@@ -649,7 +649,7 @@ class LayerWriter implements TarHandler {
   #writeHardlink(path: string, header: TarHeader): void {
     const targetParts = splitName(header.linkname, header.name, "link target");
     if (targetParts.length === 0) {
-      throw new LayerError(`hardlink "${header.name}" points to the root directory: the layer is malformed`, {
+      throw new LayerError(`hardlink ${quoteName(header.name)} points to the root directory: the layer is malformed`, {
         entry: header.name,
       });
     }
@@ -660,7 +660,7 @@ class LayerWriter implements TarHandler {
     if (stat === undefined || stat.isDirectory()) {
       const problem = stat === undefined ? "does not exist" : "is a directory";
       throw new LayerError(
-        `hardlink "${header.name}" points to "${header.linkname}", which ${problem} in the image: the layer is malformed`,
+        `hardlink ${quoteName(header.name)} points to ${quoteName(header.linkname)}, which ${problem} in the image: the layer is malformed`,
         { entry: header.name },
       );
     }

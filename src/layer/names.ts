@@ -7,6 +7,18 @@
 
 import { LayerError } from "../errors.ts";
 
+/** Longest name shown in full in an error message; longer ones are shortened in the middle. */
+const MAX_SHOWN = 200;
+
+/**
+ * Quotes a name for an error message: control characters escaped as JSON
+ * does, and names over 200 characters shortened in the middle.
+ */
+export function quoteName(name: string): string {
+  const shown = name.length > MAX_SHOWN ? `${name.slice(0, 120)}...${name.slice(-60)}` : name;
+  return JSON.stringify(shown);
+}
+
 /** Prefix of a whiteout file: `dir/.wh.NAME` removes `dir/NAME` from lower layers. */
 export const WHITEOUT_PREFIX = ".wh.";
 
@@ -42,7 +54,7 @@ export function whiteoutTarget(base: string, entry: string): string {
   const target = base.slice(WHITEOUT_PREFIX.length);
   if (target === "" || target === "." || target === "..") {
     throw new LayerError(
-      `whiteout "${entry}" names no file (".wh." followed by "${target}"): the layer is malformed; rebuild it`,
+      `whiteout ${quoteName(entry)} names no file (".wh." followed by "${target}"): the layer is malformed; rebuild it`,
       { entry },
     );
   }
@@ -67,7 +79,7 @@ export function splitName(name: string, entry: string, field = "name"): string[]
     throw new LayerError(`tar entry has an empty ${field}: the layer is malformed; rebuild it`, { entry });
   }
   if (name.includes("\0")) {
-    throw new LayerError(`tar entry "${entry}" has a NUL byte in its ${field}: the layer is malformed`, { entry });
+    throw new LayerError(`tar entry ${quoteName(entry)} has a NUL byte in its ${field}: the layer is malformed`, { entry });
   }
 
   const parts: string[] = [];
@@ -79,7 +91,7 @@ export function splitName(name: string, entry: string, field = "name"): string[]
     }
     if (parts.length === 0) {
       throw new LayerError(
-        `tar entry "${entry}" has a ${field} "${name}" that climbs above the root with "..": the layer is malformed or hostile`,
+        `tar entry ${quoteName(entry)} has a ${field} ${quoteName(name)} that climbs above the root with "..": the layer is malformed or hostile`,
         { entry },
       );
     }

@@ -34,6 +34,7 @@
  */
 
 import { LayerError } from "../errors.ts";
+import { quoteName } from "./names.ts";
 
 /** Maximum size in bytes of one PAX header or GNU long-name record. */
 export const MAX_META_SIZE = 1024 * 1024;
@@ -168,7 +169,7 @@ export class TarReader {
     }
     const where = this.#state === "padding" ? "padding" : "body";
     throw this.#error(
-      `tar stream is truncated inside the ${where} of entry "${this.#current}": fetch the layer again`,
+      `tar stream is truncated inside the ${where} of entry ${quoteName(this.#current)}: fetch the layer again`,
       this.#current,
     );
   }
@@ -310,7 +311,7 @@ export class TarReader {
         const sparseName = pax.get("GNU.sparse.name");
         const displayName = sparseName ? lossy.decode(sparseName) : name;
         throw this.#error(
-          `tar entry "${displayName}" is a sparse file, which ocistage does not support: rebuild the layer without GNU tar's --sparse option`,
+          `tar entry ${quoteName(displayName)} is a sparse file, which ocistage does not support: rebuild the layer without GNU tar's --sparse option`,
           displayName,
         );
       }
@@ -318,7 +319,7 @@ export class TarReader {
     const type = entryType(typeflag, name);
     if (type === undefined) {
       throw this.#error(
-        `tar entry "${name}" has unsupported type ${describeFlag(typeflag)}: rebuild the layer with regular files, directories and links only`,
+        `tar entry ${quoteName(name)} has unsupported type ${describeFlag(typeflag)}: rebuild the layer with regular files, directories and links only`,
         name,
       );
     }
@@ -385,7 +386,7 @@ export class TarReader {
     const pattern = key === "mtime" ? /^-?\d+(\.\d+)?$/ : /^\d+$/;
     const value = Number(text);
     if (!pattern.test(text) || !Number.isSafeInteger(Math.trunc(value))) {
-      throw this.#error(`tar entry "${name}" has an invalid PAX ${key} record "${text}": the layer is corrupt`, name);
+      throw this.#error(`tar entry ${quoteName(name)} has an invalid PAX ${key} record ${quoteName(text)}: the layer is corrupt`, name);
     }
     return value;
   }
@@ -426,7 +427,7 @@ function trimTrailingNul(data: Uint8Array): Uint8Array {
 function decodeName(bytes: Uint8Array, field: string, entry: string, offset: number): string {
   if (bytes.includes(0)) {
     throw new LayerError(
-      `tar entry "${entry}" at offset ${offset} has a NUL byte in its ${field}: the layer is malformed`,
+      `tar entry ${quoteName(entry)} at offset ${offset} has a NUL byte in its ${field}: the layer is malformed`,
       { entry },
     );
   }
@@ -434,7 +435,7 @@ function decodeName(bytes: Uint8Array, field: string, entry: string, offset: num
     return utf8.decode(bytes);
   } catch (cause) {
     throw new LayerError(
-      `tar entry "${entry}" at offset ${offset} has a ${field} that is not valid UTF-8, which ocistage cannot write: rebuild the layer with UTF-8 names`,
+      `tar entry ${quoteName(entry)} at offset ${offset} has a ${field} that is not valid UTF-8, which ocistage cannot write: rebuild the layer with UTF-8 names`,
       { entry, cause },
     );
   }
