@@ -742,3 +742,142 @@ test("error in a later entry names the layer and entry", async () => {
   assert.equal(error.layer, "sha256:layer1");
   assert.equal(error.entry, "disk.img");
 });
+
+// Malformed layers, each through gzip or zstd decompression and the applier, with a defined outcome.
+
+interface MalformedCase {
+  name: string;
+  /** The compressed blob as stored in the registry. */
+  blob: () => Uint8Array;
+  /** A pattern for the expected LayerError message, or the files expected in the tree. */
+  outcome: RegExp | Record<string, string>;
+}
+
+const good = () => buildTar([file("a", "1"), file("b", "2")]);
+
+const malformedCases: MalformedCase[] = [
+  {
+    name: "bad header checksum",
+    blob: () => gzipBytes(buildTar([file("a", "1"), file("b", "2")], { corruptChecksumAt: 1 })),
+    outcome: /invalid checksum/,
+  },
+  {
+    name: "truncated header",
+    blob: () => gzipBytes(good().subarray(0, 1024 + 200)),
+    outcome: /truncated inside the header/,
+  },
+  {
+    name: "truncated body",
+    blob: () => gzipBytes(buildTar([{ path: "a", content: new Uint8Array(4000) }]).subarray(0, 2048)),
+    outcome: /truncated inside the body of entry "a"/,
+  },
+  {
+    name: "size beyond the end",
+    blob: () => gzipBytes(buildTar([{ path: "a", content: "1", size: 1_000_000 }])),
+    outcome: /truncated inside the body of entry "a"/,
+  },
+  {
+    name: "truncated zstd tar",
+    blob: () => zstdBytes(buildTar([{ path: "a", content: new Uint8Array(4000) }]).subarray(0, 2048)),
+    outcome: /truncated inside the body of entry "a"/,
+  },
+  {
+    name: "trailing garbage after the end marker",
+    blob: () => gzipBytes(new Uint8Array([...good(), ...buildTar([file("hidden", "x")])])),
+    outcome: { a: "1", b: "2" },
+  },
+  {
+    name: "trailing zero padding",
+    blob: () => gzipBytes(new Uint8Array([...good(), ...new Uint8Array(20 * 512)])),
+    outcome: { a: "1", b: "2" },
+  },
+  {
+    name: "missing end marker",
+    blob: () => gzipBytes(buildTar([file("a", "1"), file("b", "2")], { end: false })),
+    outcome: { a: "1", b: "2" },
+  },
+  {
+    name: "multi-member gzip",
+    blob: () => {
+      const tar = good();
+      return new Uint8Array([...gzipBytes(tar.subarray(0, 700)), ...gzipBytes(tar.subarray(700))]);
+    },
+    outcome: { a: "1", b: "2" },
+  },
+  {
+    name: "corrupt gzip",
+    blob: () => {
+      const blob = gzipBytes(buildTar([{ path: "a", content: new Uint8Array(50_000).map((_, i) => i % 253) }])).slice();
+      for (let i = 30; i < 60; i++) blob[i] ^= 0xff;
+      return blob;
+    },
+    outcome: /gzip decompression of the layer failed/,
+  },
+  {
+    name: "zero-byte blob",
+    blob: () => new Uint8Array(0),
+    outcome: {},
+  },
+  {
+    name: "gzip of nothing",
+    blob: () => gzipBytes(new Uint8Array(0)),
+    outcome: {},
+  },
+  {
+    name: "sparse entry",
+    blob: () => gzipBytes(buildTar([file("a", "1"), { path: "disk.img", type: { flag: "S" }, content: "x" }])),
+    outcome: /"disk.img" is a sparse file/,
+  },
+  {
+    name: "PAX sparse entry",
+    blob: () => gzipBytes(buildTar([{ path: "GNUSparseFile.0/disk", content: "x", pax: { "GNU.sparse.major": "1" } }])),
+    outcome: /sparse file/,
+  },
+  {
+    name: "unknown type",
+    blob: () => gzipBytes(buildTar([{ path: "odd", type: { flag: "X" } }])),
+    outcome: /"odd" has unsupported type 'X'/,
+  },
+  {
+    name: "volume label",
+    blob: () => gzipBytes(buildTar([{ path: "label", type: { flag: "V" } }])),
+    outcome: /volume label/,
+  },
+  {
+    name: "huge PAX record",
+    blob: () => gzipBytes(buildTar([{ path: "a", content: "1", pax: { comment: "c".repeat(2 * 1024 * 1024) } }])),
+    outcome: /over the limit of 1048576/,
+  },
+  {
+    name: "huge GNU long name",
+    blob: () => gzipBytes(buildTar([{ path: "n".repeat(1024 * 1024 + 1), content: "1", longName: "gnu" }])),
+    outcome: /over the limit of 1048576/,
+  },
+];
+
+for (const malformed of malformedCases) {
+  test(`malformed layer: ${malformed.name}`, async () => {
+    const workspace = createWorkspace();
+    try {
+      const blob = malformed.blob();
+      const applier = new LayerApplier(workspace.root);
+      const layer = applier.applyLayer(decompressStream(streamOf(blob, 1000), "auto"), { digest: "sha256:bad" });
+      if (malformed.outcome instanceof RegExp) {
+        const pattern = malformed.outcome;
+        await assert.rejects(layer, (error: unknown) => {
+          assert.ok(error instanceof LayerError, `expected LayerError, got ${error}`);
+          assert.match(error.message, pattern);
+          return true;
+        });
+        return;
+      }
+      await layer;
+      applier.finish();
+      const files: Record<string, string> = {};
+      for (const [name, found] of snapshot(workspace.root)) files[name] = found.content ?? found.type;
+      assert.deepEqual(files, malformed.outcome);
+    } finally {
+      workspace.cleanup();
+    }
+  });
+}

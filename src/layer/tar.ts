@@ -306,15 +306,14 @@ export class TarReader {
     if (localLink !== undefined) linkBytes = localLink;
     const name = decodeName(nameBytes, "name", lossy.decode(nameBytes), offset);
 
-    for (const key of pax.keys()) {
-      if (key.startsWith("GNU.sparse.")) {
-        const sparseName = pax.get("GNU.sparse.name");
-        const displayName = sparseName ? lossy.decode(sparseName) : name;
-        throw this.#error(
-          `tar entry ${quoteName(displayName)} is a sparse file, which ocistage does not support: rebuild the layer without GNU tar's --sparse option`,
-          displayName,
-        );
-      }
+    const sparse = typeflag === "S" || [...pax.keys()].some((key) => key.startsWith("GNU.sparse."));
+    if (sparse) {
+      const sparseName = pax.get("GNU.sparse.name");
+      const displayName = sparseName ? lossy.decode(sparseName) : name;
+      throw this.#error(
+        `tar entry ${quoteName(displayName)} is a sparse file, which ocistage does not support: rebuild the layer without GNU tar's --sparse option`,
+        displayName,
+      );
     }
     const type = entryType(typeflag, name);
     if (type === undefined) {
