@@ -1,0 +1,272 @@
+/**
+ * Argument parsing, command dispatch and error reporting for the CLI.
+ * `runCli` never exits the process: it returns the exit code, so tests can
+ * run it in-process.
+ *
+ * @module
+ */
+import * as fs from "node:fs";
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { ElementError, InvalidReferenceError } from "../errors.ts";
+import { parseElement, setRef } from "../element.ts";
+import { DockerSource } from "../source.ts";
+import { fetchImage, type FetchOptions, stage, track } from "../stage.ts";
+import { ProgressReporter } from "./progress.ts";
+import { HELP, USAGE } from "./help.ts";
+
+/** The streams and environment the CLI uses. */
+export interface CliIo {
+  stdout: { write(text: string): unknown; isTTY?: boolean };
+  stderr: { write(text: string): unknown; isTTY?: boolean; columns?: number };
+  stdin?: AsyncIterable<Uint8Array | string>;
+  env?: Record<string, string | undefined>;
+}
+
+/** A mistake in the command line: exit code 2. */
+export class UsageError extends TypeError {
+  override name = "UsageError";
+}
+
+const OPTIONS = {
+  platform: { type: "string" },
+  cache: { type: "string" },
+  username: { type: "string" },
+  "password-stdin": { type: "boolean" },
+  "plain-http": { type: "boolean" },
+  "registry-url": { type: "string" },
+  concurrency: { type: "string" },
+  hasher: { type: "string" },
+  "allow-foreign-urls": { type: "boolean" },
+  json: { type: "boolean" },
+  quiet: { type: "boolean", short: "q" },
+  help: { type: "boolean", short: "h" },
+  version: { type: "boolean" },
+} as const satisfies ParseArgsConfig["options"];
+
+type Flags = {
+  [K in keyof typeof OPTIONS]?: (typeof OPTIONS)[K]["type"] extends "string" ? string : boolean;
+};
+
+const COMMANDS = ["track", "fetch", "stage"] as const;
+type Command = (typeof COMMANDS)[number];
+
+/** Run the CLI with `argv` (without the program name) and return the exit code. */
+export async function runCli(argv: string[], io: CliIo): Promise<number> {
+  let flags: Flags;
+  let positionals: string[];
+  try {
+    const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
+    flags = parsed.values as Flags;
+    positionals = parsed.positionals;
+  } catch (error) {
+    io.stderr.write(`ocistage: ${(error as Error).message}\n${USAGE}`);
+    return 2;
+  }
+
+  if (flags.version) {
+    io.stdout.write(`ocistage ${VERSION}\n`);
+    return 0;
+  }
+  const [command, ...operands] = positionals;
+  if (flags.help || command === "help") {
+    io.stdout.write(HELP[(command === "help" ? operands[0] : command) as Command] ?? HELP.main);
+    return 0;
+  }
+  if (!command) {
+    io.stderr.write(USAGE);
+    return 2;
+  }
+  if (!COMMANDS.includes(command as Command)) {
+    io.stderr.write(`ocistage: unknown command "${command}": use one of ${COMMANDS.join(", ")}\n${USAGE}`);
+    return 2;
+  }
+
+  const reporter = new ProgressReporter(io.stderr, { quiet: flags.quiet === true, json: flags.json === true });
+  try {
+    return await dispatch(command as Command, operands, flags, io, reporter);
+  } catch (error) {
+    reporter.stop();
+    io.stderr.write(`ocistage: ${describeError(error)}\n`);
+    return isUsageError(error) ? 2 : 1;
+  } finally {
+    reporter.stop();
+  }
+}
+
+const VERSION = "0.1.0";
+
+function isUsageError(error: unknown): boolean {
+  return error instanceof UsageError || error instanceof InvalidReferenceError;
+}
+
+/** Render an error and its causes as one line each, innermost last. */
+function describeError(error: unknown): string {
+  const lines: string[] = [];
+  let current: unknown = error;
+  for (let depth = 0; current !== undefined && depth < 8; depth++) {
+    if (current instanceof Error) {
+      if (!lines.some((line) => line.includes(current instanceof Error ? current.message : ""))) {
+        lines.push(current.message);
+      }
+      current = current.cause;
+    } else {
+      lines.push(String(current));
+      break;
+    }
+  }
+  return lines.join("\n  caused by: ");
+}
+
+async function dispatch(command: Command, operands: string[], flags: Flags, io: CliIo, reporter: ProgressReporter): Promise<number> {
+  const wanted = command === "stage" ? 2 : 1;
+  if (operands.length !== wanted) {
+    const form = command === "stage" ? "IMAGE|ELEMENT DIR" : "IMAGE|ELEMENT";
+    throw new UsageError(`"${command}" takes ${form}, got ${operands.length} argument(s): see ocistage ${command} --help`);
+  }
+  const options = await pullOptions(flags, io, reporter);
+  const input = operands[0];
+
+  if (isElementPath(input)) return await runElement(command, input, operands[1], flags, options, io);
+
+  if (flags["registry-url"]) throw new UsageError(`--registry-url applies to element files only; put the registry in the image reference "${input}"`);
+  if (command === "track") {
+    const result = await track(input, options);
+    io.stdout.write(flags.json ? JSON.stringify(trackJson(result)) + "\n" : `${result.digest}\n`);
+  } else if (command === "fetch") {
+    const result = await fetchImage(input, options);
+    io.stdout.write(flags.json ? JSON.stringify(fetchJson(result)) + "\n" : `${result.digest}\n`);
+  } else {
+    const result = await stage(input, operands[1], options);
+    reporter.finish(`staged ${input} (${result.digest}) into ${operands[1]}`);
+  }
+  return 0;
+}
+
+/** An operand names an element file when it ends in .bst/.yml/.yaml or is an existing regular file. */
+function isElementPath(input: string): boolean {
+  if (/\.(bst|ya?ml)$/i.test(input)) return true;
+  try {
+    return fs.statSync(input).isFile();
+  } catch {
+    return false;
+  }
+}
+
+async function runElement(
+  command: Command,
+  file: string,
+  target: string | undefined,
+  flags: Flags,
+  options: FetchOptions,
+  io: CliIo,
+): Promise<number> {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (error) {
+    throw new ElementError(`cannot read element file "${file}": check the path`, { file, cause: error });
+  }
+  const configs = parseElement(text, file);
+  const sources = configs.map((config) => new DockerSource(config, { ...options, registryUrl: flags["registry-url"] ?? config.registryUrl }));
+
+  if (command === "track") {
+    let updated = text;
+    const results = [];
+    for (const source of sources) {
+      const digest = await source.track();
+      updated = setRef(updated, source.config.index, digest.slice("sha256:".length));
+      results.push({ index: source.config.index, image: source.config.image, digest });
+    }
+    if (updated !== text) writeFileKeepingMode(file, updated);
+    io.stdout.write(
+      flags.json ? JSON.stringify({ file, sources: results }) + "\n" : results.map((r) => `${r.digest}\n`).join(""),
+    );
+    return 0;
+  }
+
+  if (command === "fetch") {
+    for (const source of sources) {
+      const result = await source.fetch();
+      io.stdout.write(flags.json ? JSON.stringify(fetchJson(result)) + "\n" : `${result.digest}\n`);
+    }
+    return 0;
+  }
+
+  if (sources.length !== 1 && sources.some((source) => !source.config.directory)) {
+    throw new ElementError(
+      `element "${file}" has ${sources.length} docker sources: give each a distinct "directory" so they can be staged together`,
+      { file },
+    );
+  }
+  for (const source of sources) await source.stage(target!);
+  return 0;
+}
+
+function writeFileKeepingMode(file: string, text: string): void {
+  const temp = `${file}.ocistage-${globalThis.process?.pid ?? 0}.tmp`;
+  const mode = fs.statSync(file).mode & 0o7777;
+  fs.writeFileSync(temp, text, { mode });
+  fs.renameSync(temp, file);
+}
+
+async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter): Promise<FetchOptions> {
+  const options: FetchOptions = { onEvent: (event) => reporter.handle(event) };
+  if (flags.platform !== undefined) options.platform = flags.platform;
+  if (flags.cache !== undefined) options.cache = flags.cache;
+  if (flags["plain-http"]) options.plainHttp = true;
+  if (flags["allow-foreign-urls"]) options.allowForeignUrls = true;
+  if (flags.concurrency !== undefined) {
+    const value = Number(flags.concurrency);
+    if (!Number.isInteger(value) || value < 1 || value > 64) {
+      throw new UsageError(`invalid --concurrency "${flags.concurrency}": pass a whole number from 1 to 64`);
+    }
+    options.concurrency = value;
+  }
+  if (flags.hasher !== undefined) {
+    if (!["auto", "native", "wasm"].includes(flags.hasher)) {
+      throw new UsageError(`invalid --hasher "${flags.hasher}": use auto, native or wasm`);
+    }
+    options.hasher = flags.hasher as FetchOptions["hasher"];
+  }
+  if (flags["password-stdin"] && !flags.username) {
+    throw new UsageError("--password-stdin needs --username");
+  }
+  if (flags.username !== undefined) {
+    if (!flags["password-stdin"]) {
+      throw new UsageError("--username needs --password-stdin: pipe the password or token on standard input");
+    }
+    const password = await readAll(io.stdin);
+    const username = flags.username;
+    options.credentials = () => Promise.resolve({ username, password });
+  }
+  return options;
+}
+
+async function readAll(stdin: CliIo["stdin"]): Promise<string> {
+  if (!stdin) throw new UsageError("--password-stdin: standard input is not available");
+  let text = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of stdin) text += typeof chunk === "string" ? chunk : decoder.decode(chunk, { stream: true });
+  text = text.replace(/\r?\n$/, "");
+  if (text === "") throw new UsageError("--password-stdin: standard input was empty; pipe the password or token");
+  return text;
+}
+
+function trackJson(result: Awaited<ReturnType<typeof track>>) {
+  return {
+    reference: result.reference,
+    platform: result.platform,
+    digest: result.digest,
+    indexDigest: result.indexDigest,
+    mediaType: result.mediaType,
+  };
+}
+
+function fetchJson(result: Awaited<ReturnType<typeof fetchImage>>) {
+  return {
+    ...trackJson(result),
+    cache: result.cache.dir,
+    layers: result.manifest.layers.map((layer) => ({ digest: layer.digest, size: layer.size, mediaType: layer.mediaType })),
+    downloaded: result.downloaded,
+  };
+}

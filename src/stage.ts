@@ -1,0 +1,281 @@
+/**
+ * The three steps of ocistage: `track` resolves a reference to the manifest
+ * digest of one platform, `fetch` stores the manifest and every layer in the
+ * cache, and `stage` applies the layers in order into a directory.
+ *
+ * @module
+ */
+import * as fs from "node:fs";
+import { BlobCache, type BlobDescriptor } from "./cache.ts";
+import type { Digest, HasherBackend } from "./digest.ts";
+import { TargetNotEmptyError } from "./errors.ts";
+import type { EventHandler } from "./progress.ts";
+import { formatReference, hostPlatform, type ImageReference, parsePlatform, parseReference, type Platform } from "./reference.ts";
+import { type Descriptor, foreignLayerUrls, type ImageManifest } from "./manifest.ts";
+import { ForeignLayerError } from "./registry/errors.ts";
+import { RegistryClient, type RegistryClientOptions } from "./registry/client.ts";
+import { chainCredentials, dockerConfigCredentials, environmentCredentials } from "./registry/auth.ts";
+import { LayerApplier } from "./layer/apply.ts";
+import { compressionFromMediaType, decompressStream } from "./layer/decompress.ts";
+
+/** Options shared by {@link track}, {@link fetchImage} and {@link stage}. */
+export interface PullOptions extends RegistryClientOptions {
+  /** Platform to select from an index, as `os/arch[/variant]` or an object. Default: the host's. */
+  platform?: Platform | string;
+  /** A registry client to use instead of one built from these options. */
+  client?: RegistryClient;
+  /** Reports progress and warnings; the library never prints. */
+  onEvent?: EventHandler;
+}
+
+/** Options of {@link fetchImage}. */
+export interface FetchOptions extends PullOptions {
+  /** The cache, or its directory. Default: {@link defaultCacheDir}. */
+  cache?: BlobCache | string;
+  /** Number of layers downloaded at once. Default 3. */
+  concurrency?: number;
+  /** sha256 backend. Default "auto" (node:crypto when present, else hash-wasm). */
+  hasher?: HasherBackend;
+}
+
+/** Options of {@link stage}. */
+export interface StageOptions extends FetchOptions {
+  /** Apply file owners from the layers. Default: true when running as root. */
+  owners?: boolean;
+}
+
+/** The outcome of {@link track}. */
+export interface TrackResult {
+  /** The reference that was resolved. */
+  reference: ImageReference;
+  /** The platform that was selected. */
+  platform: Platform;
+  /** Digest of the platform's image manifest. */
+  digest: Digest;
+  /** Digest of the index the tag pointed to, when it pointed to one. */
+  indexDigest?: Digest;
+  /** Media type of the image manifest. */
+  mediaType: string;
+}
+
+/** The outcome of {@link fetchImage}. */
+export interface FetchResult extends TrackResult {
+  manifest: ImageManifest;
+  /** The cache that now holds every blob of the image. */
+  cache: BlobCache;
+  /** Number of blobs downloaded (the rest were cached already). */
+  downloaded: number;
+}
+
+/** The outcome of {@link stage}. */
+export interface StageResult extends FetchResult {
+  /** The directory the root filesystem was staged into. */
+  target: string;
+}
+
+function toReference(image: string | ImageReference): ImageReference {
+  return typeof image === "string" ? parseReference(image) : image;
+}
+
+function toPlatform(platform: Platform | string | undefined): Platform {
+  if (platform === undefined) return hostPlatform();
+  return typeof platform === "string" ? parsePlatform(platform) : platform;
+}
+
+/**
+ * Build the client for one call. Without explicit `credentials`, they come
+ * from OCISTAGE_USERNAME/OCISTAGE_PASSWORD, then docker's config.json.
+ */
+function clientFor(options: PullOptions): RegistryClient {
+  if (options.client) return options.client;
+  const credentials = options.credentials ?? chainCredentials(environmentCredentials(), dockerConfigCredentials());
+  return new RegistryClient({ ...options, credentials });
+}
+
+/**
+ * Resolve an image reference to the manifest digest of one platform.
+ *
+ * @example
+ * ```ts
+ * const { digest } = await track("127.0.0.1:5000/base:1.0", { platform: "linux/arm64" });
+ * ```
+ */
+export async function track(image: string | ImageReference, options: PullOptions = {}): Promise<TrackResult> {
+  const reference = toReference(image);
+  const platform = toPlatform(options.platform);
+  const resolved = await clientFor(options).resolve(reference, platform);
+  return {
+    reference,
+    platform,
+    digest: resolved.digest,
+    indexDigest: resolved.indexDigest,
+    mediaType: resolved.mediaType,
+  };
+}
+
+/**
+ * Download the manifest, config and every layer of an image into the cache,
+ * verifying each blob's size and sha256 while it streams. Blobs already in
+ * the cache are not downloaded again.
+ */
+export async function fetchImage(image: string | ImageReference, options: FetchOptions = {}): Promise<FetchResult> {
+  return await pull(image, options, undefined);
+}
+
+/**
+ * Pull an image and stage its root filesystem into `target`, which must be a
+ * new or empty directory. Layers are applied in manifest order as soon as
+ * each has arrived, while later layers still download.
+ *
+ * @example
+ * ```ts
+ * await stage("127.0.0.1:5000/base:1.0", "./rootfs", { platform: "linux/amd64" });
+ * ```
+ */
+export async function stage(image: string | ImageReference, target: string, options: StageOptions = {}): Promise<StageResult> {
+  prepareTarget(target);
+  const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
+  const result = await pull(image, options, async (cache, layer, index, count) => {
+    const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
+    const blob = await cache.openBlob(layer.digest, layer.size);
+    const tar = decompressStream(blob, compression);
+    await applier.applyLayer(tar, { digest: layer.digest, index });
+    options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
+  });
+  applier.finish();
+  return { ...result, target };
+}
+
+type LayerSink = (cache: BlobCache, layer: Descriptor, index: number, count: number) => Promise<void>;
+
+async function pull(image: string | ImageReference, options: FetchOptions, sink: LayerSink | undefined): Promise<FetchResult> {
+  const reference = toReference(image);
+  const platform = toPlatform(options.platform);
+  const client = clientFor(options);
+  const cache = options.cache instanceof BlobCache ? options.cache : new BlobCache(options.cache, { hasher: options.hasher });
+
+  const resolved = await client.resolve(reference, platform);
+  const manifestDescriptor: BlobDescriptor = {
+    mediaType: resolved.mediaType,
+    digest: resolved.digest,
+    size: resolved.bytes.byteLength,
+  };
+  await cache.putBytes(manifestDescriptor, resolved.bytes);
+
+  const manifest = resolved.manifest;
+  if (!options.allowForeignUrls) {
+    // Stop before any download rather than after the layers below it.
+    for (const layer of manifest.layers) {
+      const urls = foreignLayerUrls(layer);
+      if (urls) throw new ForeignLayerError(layer.digest, layer.mediaType, urls);
+    }
+  }
+  let downloaded = 0;
+  const download = async (descriptor: Descriptor): Promise<void> => {
+    const fresh = await cache.ingest(
+      descriptor,
+      (resume) => client.openBlob(reference, descriptor, { resumeFrom: resume }),
+      (received) => options.onEvent?.({ type: "download", digest: descriptor.digest, received, total: descriptor.size, done: false }),
+    );
+    if (fresh) downloaded++;
+    options.onEvent?.({ type: "download", digest: descriptor.digest, received: descriptor.size, total: descriptor.size, done: true, cached: !fresh });
+  };
+
+  await download(manifest.config);
+  const layers = manifest.layers;
+  const pending = downloadAll(layers, options.concurrency ?? 3, download);
+  try {
+    if (sink) {
+      for (let index = 0; index < layers.length; index++) {
+        await pending.get(layers[index].digest);
+        await sink(cache, layers[index], index, layers.length);
+      }
+    }
+    await Promise.all(pending.values());
+  } catch (error) {
+    // Let the downloads still running settle so nothing writes after we return.
+    await Promise.allSettled(pending.values());
+    throw error;
+  }
+
+  cache.tagManifest(formatReference(reference), { ...manifestDescriptor, platform: { ...platform } });
+  return {
+    reference,
+    platform,
+    digest: resolved.digest,
+    indexDigest: resolved.indexDigest,
+    mediaType: resolved.mediaType,
+    manifest,
+    cache,
+    downloaded,
+  };
+}
+
+/**
+ * Start the downloads of the distinct layers, at most `concurrency` at once,
+ * in manifest order, and return each layer's completion by digest.
+ */
+function downloadAll(
+  layers: Descriptor[],
+  concurrency: number,
+  download: (descriptor: Descriptor) => Promise<void>,
+): Map<string, Promise<void>> {
+  if (!Number.isInteger(concurrency) || concurrency < 1) {
+    throw new RangeError(`invalid concurrency ${concurrency}: pass a whole number of at least 1`);
+  }
+  const distinct = new Map<string, Descriptor>();
+  for (const layer of layers) if (!distinct.has(layer.digest)) distinct.set(layer.digest, layer);
+
+  const queue = [...distinct.values()];
+  const waiters = new Map<string, { promise: Promise<void>; resolve: () => void; reject: (error: unknown) => void }>();
+  for (const layer of queue) {
+    let resolve!: () => void;
+    let reject!: (error: unknown) => void;
+    const promise = new Promise<void>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    // A failure is reported to whoever awaits it; this keeps it from counting as unhandled meanwhile.
+    promise.catch(() => {});
+    waiters.set(layer.digest, { promise, resolve, reject });
+  }
+
+  let next = 0;
+  let failed = false;
+  const worker = async (): Promise<void> => {
+    while (next < queue.length) {
+      const layer = queue[next++];
+      const waiter = waiters.get(layer.digest)!;
+      if (failed) {
+        waiter.reject(new Error(`download of ${layer.digest} was not started because another layer failed`));
+        continue;
+      }
+      try {
+        await download(layer);
+        waiter.resolve();
+      } catch (error) {
+        failed = true;
+        waiter.reject(error);
+      }
+    }
+  };
+  for (let i = 0; i < Math.min(concurrency, queue.length); i++) void worker();
+  return new Map([...waiters].map(([digest, waiter]) => [digest, waiter.promise]));
+}
+
+/** Create the target directory, or check that an existing one is empty. */
+function prepareTarget(target: string): void {
+  let entries: string[];
+  try {
+    entries = fs.readdirSync(target);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") {
+      fs.mkdirSync(target, { recursive: true });
+      return;
+    }
+    if (code === "ENOTDIR") throw new TargetNotEmptyError(target);
+    throw error;
+  }
+  if (entries.length > 0) throw new TargetNotEmptyError(target);
+}
