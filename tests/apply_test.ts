@@ -881,3 +881,22 @@ for (const malformed of malformedCases) {
     }
   });
 }
+
+test("name length limits are checked before writing", async () => {
+  await withLayers([[file(`d/${"é".repeat(127)}`, "ok"), file(`${"p/".repeat(500)}f`, "deep")]], (root) => {
+    assertFile(root, `d/${"é".repeat(127)}`, "ok");
+    assertFile(root, `${"p/".repeat(500)}f`, "deep");
+  });
+  for (const [name, pattern] of [
+    [`d/${"é".repeat(128)}`, /more than 255 bytes/],
+    [`${"p/".repeat(2100)}f`, /too long to stage/],
+  ] as const) {
+    const workspace = createWorkspace();
+    try {
+      await assert.rejects(applyEntries(workspace.root, [[file(name, "x")]]), pattern);
+      assert.deepEqual(fs.readdirSync(workspace.root), []);
+    } finally {
+      workspace.cleanup();
+    }
+  }
+});

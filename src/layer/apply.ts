@@ -59,6 +59,7 @@
  * @module
  */
 
+import { Buffer } from "node:buffer";
 import * as fs from "node:fs";
 import process from "node:process";
 
@@ -69,6 +70,10 @@ import { quoteName, splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
 
 /** Maximum number of symlinks followed while resolving one path, as Linux's `MAXSYMLINKS`. */
 export const MAX_SYMLINKS = 40;
+
+/** Linux's `PATH_MAX` (bytes of a path, NUL included) and `NAME_MAX` (bytes of one component). */
+const PATH_MAX = 4096;
+const NAME_MAX = 255;
 
 /** Options for {@linkcode LayerApplier} and {@linkcode applyLayers}. */
 export interface ApplyOptions {
@@ -490,6 +495,7 @@ class LayerWriter implements TarHandler {
         { entry: header.name },
       );
     }
+    this.#checkLength(parts);
 
     if (this.#drop(header, parts)) return;
     if (header.xattrs > 0) this.warn("xattr-ignored");
@@ -522,6 +528,29 @@ class LayerWriter implements TarHandler {
       case "hardlink":
         this.#writeHardlink(path, header);
         break;
+    }
+  }
+
+  /**
+   * Rejects a name that Linux could not create below the root, before any
+   * of its parents are created.
+   */
+  #checkLength(parts: string[]): void {
+    for (const part of parts) {
+      if (part.length * 3 > NAME_MAX && Buffer.byteLength(part) > NAME_MAX) {
+        throw new LayerError(
+          `tar entry ${quoteName(this.#entry)} has a path component of more than ${NAME_MAX} bytes: the layer cannot be staged on Linux`,
+          { entry: this.#entry },
+        );
+      }
+    }
+    const room = PATH_MAX - 2 - Buffer.byteLength(this.#tree.root);
+    const length = parts.reduce((sum, part) => sum + part.length + 1, 0);
+    if (length * 3 > room && Buffer.byteLength(parts.join("/")) > room) {
+      throw new LayerError(
+        `tar entry ${quoteName(this.#entry)} is too long to stage below "${this.#tree.root}" (Linux limits paths to ${PATH_MAX} bytes): stage into a shorter directory path`,
+        { entry: this.#entry },
+      );
     }
   }
 
