@@ -42,7 +42,7 @@ export class DockerSource {
     this.#options = options;
   }
 
-  /** The platform the element asks for: its `os` and `architecture`, else the host's. */
+  /** The element's platform: its `os` and `architecture`, else the host's. */
   get platform(): Platform {
     const host = hostPlatform();
     if (!this.config.os && !this.config.architecture) return host;

@@ -61,7 +61,7 @@ export interface TrackResult {
 /** The outcome of {@link fetchImage}. */
 export interface FetchResult extends TrackResult {
   manifest: ImageManifest;
-  /** The cache that now holds every blob of the image. */
+  /** The cache that now contains every blob of the image. */
   cache: BlobCache;
   /** Number of blobs downloaded (the rest were cached already). */
   downloaded: number;
@@ -235,7 +235,7 @@ function downloadAll(
       resolve = res;
       reject = rej;
     });
-    // A failure is reported to whoever awaits it; this keeps it from counting as unhandled meanwhile.
+    // The awaiting caller sees the failure. This handler only keeps it from counting as unhandled before then.
     promise.catch(() => {});
     waiters.set(layer.digest, { promise, resolve, reject });
   }
