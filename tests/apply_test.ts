@@ -900,3 +900,17 @@ test("name length limits are checked before writing", async () => {
     }
   }
 });
+
+test("each entry type replaces an existing path", async () => {
+  await withLayers([
+    [file("t", "target"), file("f", "old"), dir("d/"), file("d/inner", "i"), symlink("s", "t"), dir("e/")],
+    [symlink("d", "t"), hardlink("f", "t"), file("s", "now a file"), hardlink("e", "t")],
+  ], (root) => {
+    assertSymlink(root, "d", "t");
+    assertFile(root, "f", "target");
+    assert.equal(node(root, "f").ino, node(root, "t").ino);
+    assertFile(root, "s", "now a file");
+    assertFile(root, "e", "target");
+    assertAbsent(root, "d/inner");
+  });
+});

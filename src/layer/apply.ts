@@ -626,16 +626,34 @@ class LayerWriter implements TarHandler {
     if (stat.isSymbolicLink()) this.#tree.forgetLookups();
   }
 
-  /** Clears `path` for a new non-directory entry. */
-  #clear(path: string): void {
+  /**
+   * Runs `create`, which makes a new non-directory at `path`. When something
+   * is already there, removes it and runs `create` again. Trying first saves
+   * an lstat per entry in the common case of a new path.
+   */
+  #replace<T>(path: string, create: () => T): T {
+    try {
+      return create();
+    } catch (error) {
+      if ((error as { code?: string }).code !== "EEXIST") throw error;
+    }
     const stat = this.#tree.lstat(path);
     if (stat !== undefined) this.#remove(path, stat);
+    return create();
   }
 
   #writeDirectory(path: string, header: TarHeader): void {
-    const stat = this.#tree.lstat(path);
-    if (stat !== undefined && !stat.isDirectory()) this.#remove(path, stat);
-    if (stat === undefined || !stat.isDirectory()) fs.mkdirSync(this.#tree.absolute(path), { mode: 0o700 });
+    const absolute = this.#tree.absolute(path);
+    try {
+      fs.mkdirSync(absolute, { mode: 0o700 });
+    } catch (error) {
+      if ((error as { code?: string }).code !== "EEXIST") throw error;
+      const stat = this.#tree.lstat(path)!;
+      if (!stat.isDirectory()) {
+        this.#remove(path, stat);
+        fs.mkdirSync(absolute, { mode: 0o700 });
+      }
+    }
 
     this.#tree.deferDirectory(path, {
       mode: header.mode | 0o700,
@@ -648,8 +666,8 @@ class LayerWriter implements TarHandler {
   }
 
   #writeFile(path: string, header: TarHeader): void {
-    this.#clear(path);
-    this.#fd = fs.openSync(this.#tree.absolute(path), OPEN_NEW, 0o600);
+    const absolute = this.#tree.absolute(path);
+    this.#fd = this.#replace(path, () => fs.openSync(absolute, OPEN_NEW, 0o600));
     this.#file = header;
     this.#markWritten(path);
     this.stats.files++;
@@ -661,9 +679,8 @@ class LayerWriter implements TarHandler {
         entry: header.name,
       });
     }
-    this.#clear(path);
     const absolute = this.#tree.absolute(path);
-    fs.symlinkSync(header.linkname, absolute);
+    this.#replace(path, () => fs.symlinkSync(header.linkname, absolute));
     if (this.#tree.owners) fs.lchownSync(absolute, header.uid, header.gid);
     try {
       fs.lutimesSync(absolute, header.mtime, header.mtime);
@@ -694,8 +711,9 @@ class LayerWriter implements TarHandler {
       );
     }
     if (target !== path) {
-      this.#clear(path);
-      fs.linkSync(this.#tree.absolute(target), this.#tree.absolute(path));
+      const existing = this.#tree.absolute(target);
+      const absolute = this.#tree.absolute(path);
+      this.#replace(path, () => fs.linkSync(existing, absolute));
     }
     this.#markWritten(path);
     this.stats.hardlinks++;
