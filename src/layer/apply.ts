@@ -19,7 +19,7 @@
  *   created when missing (mode 0755). Parents reached through a symlink
  *   target must exist. The last component is never followed. Hardlink
  *   targets resolve the same way, relative to the root. Nothing is created,
- *   linked, changed or removed outside the root, whatever the links say.
+ *   linked, changed or removed outside the root, whatever the links point to.
  * - Whiteouts: `.wh..wh..opq` (checked first) hides every lower-layer child
  *   of its directory, and `.wh.NAME` removes NAME and everything below it.
  *   Both act only on lower layers: paths this layer wrote before or after
@@ -121,7 +121,7 @@ interface DirectoryMetadata {
   gid?: number;
 }
 
-/** How a path lookup treats a missing component. */
+/** Treatment of a missing component in a path lookup. */
 type Missing = "create" | "require" | "lookup";
 
 /** Warning codes and the sentence each count goes into. */
@@ -284,6 +284,8 @@ class RootTree {
     for (const path of paths) {
       const metadata = this.#deferred.get(path)!;
       const absolute = this.absolute(path);
+      // chmod and utimes follow symlinks, so only a real directory is touched.
+      if (!this.lstat(path)?.isDirectory()) continue;
       if (this.owners && metadata.uid !== undefined) fs.lchownSync(absolute, metadata.uid, metadata.gid ?? 0);
       fs.chmodSync(absolute, metadata.mode);
       if (metadata.mtime !== undefined) fs.utimesSync(absolute, metadata.mtime, metadata.mtime);
@@ -471,7 +473,9 @@ class LayerWriter implements TarHandler {
 
   emitWarnings(onEvent: EventHandler): void {
     const layer = this.#info.digest;
-    const where = layer ? ` of layer ${layer}` : this.#info.index !== undefined ? ` of layer ${this.#info.index}` : "";
+    let where = "";
+    if (layer !== undefined) where = ` of layer ${layer}`;
+    else if (this.#info.index !== undefined) where = ` of layer ${this.#info.index}`;
     for (const [code, count] of this.#warnings) {
       onEvent({ type: "warning", code, message: `${WARNINGS[code](count)}${where}`, count, layer });
     }

@@ -7,7 +7,7 @@
 
 import { LayerError } from "../errors.ts";
 
-/** Longest name shown in full in an error message; longer ones are shortened in the middle. */
+/** Maximum length of a name shown in full in an error message. Longer names are shortened in the middle. */
 const MAX_SHOWN = 200;
 
 /**
@@ -15,8 +15,8 @@ const MAX_SHOWN = 200;
  * does, and names over 200 characters shortened in the middle.
  */
 export function quoteName(name: string): string {
-  const shown = name.length > MAX_SHOWN ? `${name.slice(0, 120)}...${name.slice(-60)}` : name;
-  return JSON.stringify(shown);
+  const shortened = name.length > MAX_SHOWN ? `${name.slice(0, 120)}...${name.slice(-60)}` : name;
+  return JSON.stringify(shortened);
 }
 
 /** Prefix of a whiteout file: `dir/.wh.NAME` removes `dir/NAME` from lower layers. */
@@ -31,7 +31,7 @@ export const OPAQUE_MARKER = ".wh..wh..opq";
  */
 export const AUFS_METADATA_PREFIX = ".wh..wh.";
 
-/** What the base name of an entry means. */
+/** Meaning of an entry's base name in the whiteout vocabulary. */
 export type WhiteoutKind = "opaque" | "whiteout" | "aufs-metadata" | "none";
 
 /**
