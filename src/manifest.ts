@@ -296,7 +296,11 @@ function copyOptional(
 
 /** Validates descriptor fields, naming the JSON path of a bad value. */
 class FieldReader {
-  constructor(private readonly source: string) {}
+  private readonly source: string;
+
+  constructor(source: string) {
+    this.source = source;
+  }
 
   fail(path: string, problem: string, cause?: unknown): never {
     throw new ManifestError(

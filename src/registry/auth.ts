@@ -64,7 +64,11 @@ export function parseWwwAuthenticate(header: string): Challenge[] {
 /** A cursor over a header value with the RFC 9110 token rules. */
 class HeaderParser {
   private position = 0;
-  constructor(private readonly text: string) {}
+  private readonly text: string;
+
+  constructor(text: string) {
+    this.text = text;
+  }
 
   private peek(offset = 0): string {
     return this.text[this.position + offset] ?? "";
@@ -446,8 +450,10 @@ export class RegistryAuth {
   private readonly tokens = new Map<string, CachedToken>();
   private readonly credentialCache = new Map<string, Promise<Credentials | undefined>>();
   private readonly now: () => number;
+  private readonly options: RegistryAuthOptions;
 
-  constructor(private readonly options: RegistryAuthOptions) {
+  constructor(options: RegistryAuthOptions) {
+    this.options = options;
     this.now = options.now ?? Date.now;
   }
 

@@ -142,8 +142,10 @@ export class RegistryClient {
   private readonly maxRetryDelayMs: number;
   private readonly userAgent: string;
   private readonly sleep: (ms: number, signal?: AbortSignal) => Promise<void>;
+  private readonly options: RegistryClientOptions;
 
-  constructor(private readonly options: RegistryClientOptions = {}) {
+  constructor(options: RegistryClientOptions = {}) {
+    this.options = options;
     this.fetchImpl = options.fetch ?? globalThis.fetch.bind(globalThis);
     this.retries = options.retries ?? 4;
     this.timeoutMs = options.timeoutMs ?? 30_000;
@@ -626,13 +628,16 @@ class BlobReader {
   private sourceIndex = 0;
   private failures = 0;
   private readonly label: string;
+  private readonly client: RegistryClient;
+  private readonly ref: ImageReference;
+  private readonly descriptor: Descriptor;
+  private readonly options: OpenBlobOptions;
 
-  constructor(
-    private readonly client: RegistryClient,
-    private readonly ref: ImageReference,
-    private readonly descriptor: Descriptor,
-    private readonly options: OpenBlobOptions,
-  ) {
+  constructor(client: RegistryClient, ref: ImageReference, descriptor: Descriptor, options: OpenBlobOptions) {
+    this.client = client;
+    this.ref = ref;
+    this.descriptor = descriptor;
+    this.options = options;
     this.received = options.resumeFrom?.offset ?? 0;
     this.hash = options.resumeFrom?.hash;
     this.label = `blob ${descriptor.digest} of ${ref.registry}/${ref.repository}`;
