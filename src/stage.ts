@@ -8,13 +8,14 @@
 import * as fs from "node:fs";
 import { BlobCache, type BlobDescriptor } from "./cache.ts";
 import type { Digest, HasherBackend } from "./digest.ts";
-import { TargetNotEmptyError } from "./errors.ts";
+import { DigestMismatchError, TargetNotEmptyError } from "./errors.ts";
 import type { EventHandler } from "./progress.ts";
 import { formatReference, hostPlatform, type ImageReference, parsePlatform, parseReference, type Platform } from "./reference.ts";
 import { type Descriptor, foreignLayerUrls, type ImageManifest } from "./manifest.ts";
 import { ForeignLayerError } from "./registry/errors.ts";
 import { RegistryClient, type RegistryClientOptions } from "./registry/client.ts";
-import { chainCredentials, dockerConfigCredentials, environmentCredentials } from "./registry/auth.ts";
+import { chainCredentials, credentialsExcept, dockerConfigCredentials, environmentCredentials } from "./registry/auth.ts";
+import { mirrorHosts } from "./mirrors.ts";
 import { LayerApplier } from "./layer/apply.ts";
 import { compressionFromMediaType, decompressStream } from "./layer/decompress.ts";
 
@@ -88,7 +89,9 @@ function toPlatform(platform: Platform | string | undefined): Platform {
  */
 function clientFor(options: PullOptions): RegistryClient {
   if (options.client) return options.client;
-  const credentials = options.credentials ?? chainCredentials(environmentCredentials(), dockerConfigCredentials());
+  // OCISTAGE_USERNAME/OCISTAGE_PASSWORD name no host, so mirrors never get them.
+  const credentials = options.credentials ??
+    chainCredentials(credentialsExcept(mirrorHosts(options.mirrors), environmentCredentials()), dockerConfigCredentials());
   return new RegistryClient({ ...options, credentials });
 }
 
@@ -172,11 +175,21 @@ async function pull(image: string | ImageReference, options: FetchOptions, sink:
   }
   let downloaded = 0;
   const download = async (descriptor: Descriptor): Promise<void> => {
-    const fresh = await cache.ingest(
-      descriptor,
-      (resume) => client.openBlob(reference, descriptor, { resumeFrom: resume }),
-      (received) => options.onEvent?.({ type: "download", digest: descriptor.digest, received, total: descriptor.size, done: false }),
-    );
+    const ingest = (skipMirrors: boolean) =>
+      cache.ingest(
+        descriptor,
+        (resume) => client.openBlob(reference, descriptor, { resumeFrom: resume, skipMirrors }),
+        (received) => options.onEvent?.({ type: "download", digest: descriptor.digest, received, total: descriptor.size, done: false }),
+      );
+    let fresh: boolean;
+    try {
+      fresh = await ingest(false);
+    } catch (error) {
+      // Wrong content is only found at the end of a blob, too late to switch
+      // sources in the stream, so a mirror's bad copy gets one retry from the registry.
+      if (!(error instanceof DigestMismatchError) || !client.hasMirrors(reference)) throw error;
+      fresh = await ingest(true);
+    }
     if (fresh) downloaded++;
     options.onEvent?.({ type: "download", digest: descriptor.digest, received: descriptor.size, total: descriptor.size, done: true, cached: !fresh });
   };

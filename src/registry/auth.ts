@@ -192,6 +192,20 @@ export function staticCredentials(credentials: Credentials): CredentialResolver 
   return () => Promise.resolve(credentials);
 }
 
+/**
+ * Return a resolver that asks `resolver` for every registry except `hosts`,
+ * for which it returns nothing. Use it to keep credentials that are not tied
+ * to a host (flags, environment) away from mirrors.
+ */
+export function credentialsExcept(
+  hosts: Iterable<string>,
+  resolver: CredentialResolver,
+): CredentialResolver {
+  const excluded = new Set([...hosts].map((host) => host.toLowerCase()));
+  return (registry) =>
+    excluded.has(registry.toLowerCase()) ? Promise.resolve(undefined) : resolver(registry);
+}
+
 /** Return a resolver that tries each resolver in turn and returns the first credentials found. */
 export function chainCredentials(...resolvers: CredentialResolver[]): CredentialResolver {
   return async (registry) => {
@@ -494,11 +508,12 @@ export class RegistryAuth {
     rejected: string | undefined,
     signal?: AbortSignal,
   ): Promise<string | undefined> {
-    const challenges = parseWwwAuthenticate(header ?? "");
-    const challenge = challenges.find((c) => c.scheme === "bearer" && c.params.realm) ??
-      challenges.find((c) => c.scheme === "basic");
+    const challenge = supportedChallenge(header);
     if (!challenge) return undefined;
-    this.challenges.set(registry, challenge);
+    // Later requests may be for other repositories, so the stored challenge
+    // keeps only realm and service, not this request's scope or error.
+    const { scope: _scope, error: _error, ...reusable } = challenge.params;
+    this.challenges.set(registry, { scheme: challenge.scheme, params: reusable });
 
     const authorization = await this.authorize(registry, challenge, scope, true, signal);
     return authorization === rejected ? undefined : authorization;
@@ -521,13 +536,13 @@ export class RegistryAuth {
       return credentials && "username" in credentials ? basicAuthorization(credentials) : undefined;
     }
 
-    const scopes = tokenScopes(challenge, scope);
-    const key = `${registry} ${challenge.params.realm} ${challenge.params.service ?? ""} ${
-      scopes.join(" ")
-    }`;
+    // Tokens are cached by the scope the request needs, whatever extra scopes
+    // a challenge asked for, so the next request for it finds the token.
+    const key = `${registry} ${challenge.params.realm} ${challenge.params.service ?? ""} ${scope}`;
     const cached = this.tokens.get(key);
     if (cached && !refresh && cached.expiresAt > this.now()) return cached.authorization;
 
+    const scopes = tokenScopes(challenge, scope);
     const token = await this.fetchToken(challenge, scopes, credentials, signal);
     this.tokens.set(key, token);
     return token.authorization;
@@ -593,6 +608,22 @@ export class RegistryAuth {
     const margin = Math.min(10_000, (seconds * 1000) / 10);
     return { authorization: `Bearer ${token}`, expiresAt: this.now() + seconds * 1000 - margin };
   }
+}
+
+/** Pick the challenge to answer: bearer with a realm first, else basic; other schemes are skipped. */
+function supportedChallenge(header: string | null): Challenge | undefined {
+  const challenges = parseWwwAuthenticate(header ?? "");
+  return challenges.find((c) => c.scheme === "bearer" && c.params.realm) ??
+    challenges.find((c) => c.scheme === "basic");
+}
+
+/**
+ * Return the `error` parameter of a bearer challenge (RFC 6750 section 3),
+ * such as `"insufficient_scope"` or `"invalid_token"`, or undefined.
+ */
+export function bearerChallengeError(header: string | null): string | undefined {
+  const bearer = parseWwwAuthenticate(header ?? "").find((c) => c.scheme === "bearer");
+  return bearer?.params.error || undefined;
 }
 
 /**

@@ -34,6 +34,7 @@ import {
   parseManifest,
   selectManifest,
 } from "../manifest.ts";
+import { type Mirror, type MirrorMap, mirrorHosts, mirrorsFor } from "../mirrors.ts";
 import type { EventHandler } from "../progress.ts";
 import {
   formatPlatform,
@@ -41,7 +42,12 @@ import {
   type Platform,
   registryBaseUrl,
 } from "../reference.ts";
-import { type CredentialResolver, readLimited, RegistryAuth } from "./auth.ts";
+import {
+  bearerChallengeError,
+  type CredentialResolver,
+  readLimited,
+  RegistryAuth,
+} from "./auth.ts";
 import {
   errorFromResponse,
   ForeignLayerError,
@@ -82,6 +88,16 @@ export interface RegistryClientOptions {
   sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
   /** Clock in milliseconds, for token expiry (default `Date.now`). */
   now?: () => number;
+  /**
+   * Mirror locations per registry (`"docker.io"` for Docker Hub), such as
+   * `{ "docker.io": ["https://mirror.example"] }`; see `src/mirrors.ts` for
+   * the location forms. Manifests by digest and blobs are requested from
+   * each mirror in order, then from the registry; tags always go to the
+   * registry. A mirror gets one retry per request before the next source is
+   * tried, and credentials are resolved for the mirror's own `host[:port]`.
+   * Default: no mirrors.
+   */
+  mirrors?: MirrorMap;
 }
 
 /** A manifest or index as fetched: exact bytes, their digest and the parsed document. */
@@ -109,6 +125,8 @@ export interface OpenBlobOptions {
   signal?: AbortSignal;
   /** Called with the byte count so far (including `resumeFrom.offset`) after each chunk. */
   onProgress?: (received: number) => void;
+  /** Fetch from the registry only, for a retry after a mirror sent wrong content (default false). */
+  skipMirrors?: boolean;
 }
 
 /** One request as the retry loop sends it. */
@@ -122,12 +140,28 @@ export interface RegistryRequest {
   scope?: string;
   subject: RequestSubject;
   signal?: AbortSignal;
+  /** Retries for this request (default: the client's `retries`). */
+  retries?: number;
+  /** The mirror this request goes to, when it goes to one. */
+  mirror?: Mirror;
+}
+
+/** Where a repository's content is requested: a mirror or the registry itself. */
+interface Endpoint {
+  /** `host[:port]` for auth state and credentials. */
+  registry: string;
+  baseUrl: string;
+  /** Repository name at this endpoint (with a mirror's prefix). */
+  repository: string;
+  mirror?: Mirror;
 }
 
 const MAX_REDIRECTS = 10;
 const MAX_INDEX_DEPTH = 3;
 const MAX_TAG_PAGES = 100;
 const DEFAULT_BLOB_LIMIT = 4 * 1024 * 1024;
+/** Retries per request to a mirror, kept low so a dead mirror delays a pull only briefly. */
+const MIRROR_RETRIES = 1;
 
 /**
  * A registry client. One instance keeps auth state (challenges and tokens)
@@ -153,6 +187,8 @@ export class RegistryClient {
     this.maxRetryDelayMs = options.maxRetryDelayMs ?? 30_000;
     this.userAgent = options.userAgent ?? "ocistage/0.1.0";
     this.sleep = options.sleep ?? abortableSleep;
+    // Parse the mirror locations now, so a bad one fails before any request.
+    mirrorHosts(options.mirrors);
     this.auth = new RegistryAuth({
       credentials: options.credentials,
       now: options.now,
@@ -197,19 +233,95 @@ export class RegistryClient {
         `reference "${ref.registry}/${ref.repository}" has neither tag nor digest: pass one`,
       );
     }
-    const url = `${this.baseUrl(ref)}/v2/${ref.repository}/manifests/${reference}`;
+    const endpoints = this.endpoints(ref, reference.includes(":"));
+    for (const endpoint of endpoints.slice(0, -1)) {
+      try {
+        return await this.getManifestFrom(endpoint, reference, signal);
+      } catch (error) {
+        if (signal?.aborted) throw signal.reason;
+        this.warnMirrorFailed(endpoint.mirror!, `manifest ${reference}`, error);
+      }
+    }
+    return await this.getManifestFrom(endpoints[endpoints.length - 1], reference, signal);
+  }
+
+  /** Whether a reference's registry has mirrors. */
+  hasMirrors(ref: ImageReference): boolean {
+    return mirrorsFor(this.options.mirrors, ref.registry).length > 0;
+  }
+
+  /** Return where to request a reference's content: its mirrors first when `byDigest`, then the registry. */
+  private endpoints(ref: ImageReference, byDigest: boolean): Endpoint[] {
+    const origin: Endpoint = {
+      registry: ref.registry,
+      baseUrl: this.baseUrl(ref),
+      repository: ref.repository,
+    };
+    if (!byDigest) return [origin];
+    const mirrors = mirrorsFor(this.options.mirrors, ref.registry).map((mirror): Endpoint => ({
+      registry: mirror.host,
+      baseUrl: mirror.origin,
+      repository: mirror.prefix ? `${mirror.prefix}/${ref.repository}` : ref.repository,
+      mirror,
+    }));
+    return [...mirrors, origin];
+  }
+
+  /** Report that a mirror failed and the next source is tried. */
+  private warnMirrorFailed(mirror: Mirror, what: string, error: unknown): void {
+    const reason = error instanceof Error ? error.message : String(error);
+    this.options.onEvent?.({
+      type: "warning",
+      code: "mirror-failed",
+      message: `mirror "${redactUrl(mirror.location)}" failed for ${what}, so the next source ` +
+        `is tried: ${reason}`,
+      count: 1,
+    });
+  }
+
+  /**
+   * Report that a blob source failed for good and the next source is tried.
+   *
+   * @internal for the blob reader.
+   */
+  warnSourceFailed(source: RegistryRequest, what: string, error: unknown): void {
+    if (source.mirror) {
+      this.warnMirrorFailed(source.mirror, what, error);
+      return;
+    }
+    const reason = error instanceof Error ? error.message : String(error);
+    this.options.onEvent?.({
+      type: "warning",
+      code: "source-failed",
+      message: `"${redactUrl(source.url)}" failed for ${what}, so the next source is tried: ${reason}`,
+      count: 1,
+    });
+  }
+
+  private async getManifestFrom(
+    endpoint: Endpoint,
+    reference: string,
+    signal: AbortSignal | undefined,
+  ): Promise<FetchedManifest> {
+    const url = `${endpoint.baseUrl}/v2/${endpoint.repository}/manifests/${reference}`;
     const { response, bytes } = await this.fetchSmall({
       method: "GET",
       url,
       headers: { accept: MANIFEST_ACCEPT },
-      registry: ref.registry,
-      scope: pullScope(ref),
-      subject: { registry: ref.registry, repository: ref.repository, manifest: reference },
+      registry: endpoint.registry,
+      scope: `repository:${endpoint.repository}:pull`,
+      subject: {
+        registry: endpoint.registry,
+        repository: endpoint.repository,
+        manifest: reference,
+      },
       signal,
+      retries: endpoint.mirror ? Math.min(MIRROR_RETRIES, this.retries) : undefined,
+      mirror: endpoint.mirror,
     });
     const digest = await sha256Of(bytes, this.options.hasher);
     const separator = reference.includes(":") ? "@" : ":";
-    const source = `${ref.registry}/${ref.repository}${separator}${reference}`;
+    const source = `${endpoint.registry}/${endpoint.repository}${separator}${reference}`;
 
     const headerDigest = response.headers.get("docker-content-digest");
     if (headerDigest && isDigest(headerDigest) && headerDigest !== digest) {
@@ -358,17 +470,28 @@ export class RegistryClient {
    *
    * @internal for the blob reader.
    */
-  blobSources(ref: ImageReference, descriptor: Descriptor): RegistryRequest[] {
-    const registrySource: RegistryRequest = {
+  blobSources(
+    ref: ImageReference,
+    descriptor: Descriptor,
+    options: { skipMirrors?: boolean } = {},
+  ): RegistryRequest[] {
+    const endpoints = this.endpoints(ref, !options.skipMirrors);
+    const registrySources = endpoints.map((endpoint): RegistryRequest => ({
       method: "GET",
-      url: `${this.baseUrl(ref)}/v2/${ref.repository}/blobs/${descriptor.digest}`,
-      registry: ref.registry,
-      scope: pullScope(ref),
-      subject: { registry: ref.registry, repository: ref.repository, blob: descriptor.digest },
-    };
+      url: `${endpoint.baseUrl}/v2/${endpoint.repository}/blobs/${descriptor.digest}`,
+      registry: endpoint.registry,
+      scope: `repository:${endpoint.repository}:pull`,
+      subject: {
+        registry: endpoint.registry,
+        repository: endpoint.repository,
+        blob: descriptor.digest,
+      },
+      retries: endpoint.mirror ? Math.min(MIRROR_RETRIES, this.retries) : undefined,
+      mirror: endpoint.mirror,
+    }));
 
     const urls = foreignLayerUrls(descriptor);
-    if (!urls) return [registrySource];
+    if (!urls) return registrySources;
     if (!this.options.allowForeignUrls) {
       throw new ForeignLayerError(descriptor.digest, descriptor.mediaType, urls);
     }
@@ -379,7 +502,7 @@ export class RegistryClient {
         url,
         subject: { blob: descriptor.digest },
       }));
-    return [...external, registrySource];
+    return [...external, ...registrySources];
   }
 
   /**
@@ -409,9 +532,13 @@ export class RegistryClient {
         if (response.ok) return response;
         const credentialsSent = request.subject.credentialsSent ??
           (request.registry !== undefined && await this.auth.hasCredentials(request.registry));
+        const authError = response.status === 401
+          ? bearerChallengeError(response.headers.get("www-authenticate"))
+          : undefined;
         failure = await errorFromResponse(response, request.method, response.url || request.url, {
           ...request.subject,
           credentialsSent,
+          authError,
         });
       } catch (error) {
         if (request.signal?.aborted) throw request.signal.reason;
@@ -420,7 +547,7 @@ export class RegistryClient {
         failure = error;
       }
 
-      if (!failure.retryable || attempt >= this.retries) throw failure;
+      if (!failure.retryable || attempt >= (request.retries ?? this.retries)) throw failure;
       await this.backoff(request, attempt, failure);
     }
   }
@@ -573,7 +700,8 @@ export class RegistryClient {
         return { response, bytes };
       } catch (error) {
         if (request.signal?.aborted) throw request.signal.reason;
-        if (!(error instanceof RegistryError) || !error.retryable || attempt >= this.retries) {
+        const budget = request.retries ?? this.retries;
+        if (!(error instanceof RegistryError) || !error.retryable || attempt >= budget) {
           throw error;
         }
         await this.backoff(request, attempt, error);
@@ -654,7 +782,9 @@ class BlobReader {
   }
 
   private async start(): Promise<void> {
-    this.sources = this.client.blobSources(this.ref, this.descriptor);
+    this.sources = this.client.blobSources(this.ref, this.descriptor, {
+      skipMirrors: this.options.skipMirrors,
+    });
     this.hash ??= await createSha256(this.client.settings.hasher);
     const { offset } = this.options.resumeFrom ?? { offset: 0 };
     if (!Number.isSafeInteger(offset) || offset < 0 || offset > this.descriptor.size) {
@@ -752,7 +882,7 @@ class BlobReader {
         }
         const last = this.sourceIndex === this.sources.length - 1;
         if (last || this.options.signal?.aborted) throw error;
-        this.sourceIndex++;
+        this.nextSource(error);
       }
     }
   }
@@ -816,14 +946,30 @@ class BlobReader {
     );
   }
 
-  /** Count a failure and wait before resuming, or rethrow when retries are spent. */
+  /**
+   * Count a failure and wait before resuming. When the current source's
+   * retries are spent, or the failure is not retryable, continue from the
+   * same offset at the next source, or rethrow at the last one.
+   */
   private async recover(error: RegistryError): Promise<void> {
     this.reader = undefined;
-    if (!(error instanceof RegistryError) || !error.retryable) throw error;
-    if (this.failures >= this.client.settings.retries) throw error;
+    if (!(error instanceof RegistryError)) throw error;
     const source = this.sources[this.sourceIndex];
-    await this.client.backoff({ ...source, signal: this.options.signal }, this.failures, error);
-    this.failures++;
+    const budget = source.retries ?? this.client.settings.retries;
+    if (error.retryable && this.failures < budget) {
+      await this.client.backoff({ ...source, signal: this.options.signal }, this.failures, error);
+      this.failures++;
+      return;
+    }
+    if (this.sourceIndex === this.sources.length - 1) throw error;
+    this.nextSource(error);
+  }
+
+  /** Move on to the next source; the content is the same, so the offset and hash carry over. */
+  private nextSource(error: unknown): void {
+    this.client.warnSourceFailed(this.sources[this.sourceIndex], `blob ${this.descriptor.digest}`, error);
+    this.sourceIndex++;
+    this.failures = 0;
   }
 }
 

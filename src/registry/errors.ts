@@ -123,6 +123,8 @@ export interface RequestSubject {
   token?: boolean;
   /** Whether the request carried credentials (never the credentials themselves). */
   credentialsSent?: boolean;
+  /** The `error` parameter of a 401's bearer challenge, such as `"insufficient_scope"`. */
+  authError?: string;
 }
 
 /** Largest error body read for registry error codes, in bytes. */
@@ -239,6 +241,15 @@ function describeAuthFailure(status: number, request: string, subject: RequestSu
   if (subject.token) {
     return `token request rejected with status ${status} for ${request}: ` +
       (subject.credentialsSent ? "check the username and password" : how);
+  }
+  if (subject.authError === "insufficient_scope") {
+    const repository = subject.repository ?? "this repository";
+    const next = subject.credentialsSent
+      ? `check the name, and that the account may pull "${repository}"`
+      : `check the name, then ${how}`;
+    return `access denied (insufficient_scope) for ${request}: the registry's token does not ` +
+      `grant pull on "${repository}", so the repository does not exist or needs other ` +
+      `credentials; ${next}`;
   }
   if (status === 403) {
     return `access denied (status 403) for ${request}: check that the credentials may pull ` +
