@@ -111,3 +111,17 @@ export class TargetNotEmptyError extends Error {
     this.path = path;
   }
 }
+
+/** A local image source (OCI layout, docker archive) that has no image under the requested name. */
+export class ImageNotFoundError extends Error {
+  override name = "ImageNotFoundError";
+  /** The source as written, such as `oci:./layout:1.0`. */
+  readonly source: string;
+  /** The names the source does offer. */
+  readonly available: string[];
+  constructor(message: string, source: string, available: string[], options?: ErrorOptions) {
+    super(message, options);
+    this.source = source;
+    this.available = available;
+  }
+}

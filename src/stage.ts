@@ -10,12 +10,13 @@ import { BlobCache, type BlobDescriptor } from "./cache.ts";
 import type { Digest, HasherBackend } from "./digest.ts";
 import { DigestMismatchError, TargetNotEmptyError } from "./errors.ts";
 import type { EventHandler } from "./progress.ts";
-import { formatReference, hostPlatform, type ImageReference, parsePlatform, parseReference, type Platform } from "./reference.ts";
+import { hostPlatform, type ImageReference, parsePlatform, type Platform } from "./reference.ts";
 import { type Descriptor, foreignLayerUrls, type ImageManifest } from "./manifest.ts";
 import { ForeignLayerError } from "./registry/errors.ts";
 import { RegistryClient, type RegistryClientOptions } from "./registry/client.ts";
 import { chainCredentials, credentialsExcept, dockerConfigCredentials, environmentCredentials } from "./registry/auth.ts";
 import { mirrorHosts } from "./mirrors.ts";
+import { type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
 import { LayerApplier } from "./layer/apply.ts";
 import { compressionFromMediaType, decompressStream } from "./layer/decompress.ts";
 
@@ -47,8 +48,10 @@ export interface StageOptions extends FetchOptions {
 
 /** The outcome of {@link track}. */
 export interface TrackResult {
-  /** The reference that was resolved. */
-  reference: ImageReference;
+  /** The registry reference that was resolved; absent for local sources (`oci:`, `docker-archive:`). */
+  reference?: ImageReference;
+  /** The image as a full reference or local source, such as "docker.io/library/alpine:3.20" or "oci:./layout:1.0". */
+  source: string;
   /** The platform that was selected. */
   platform: Platform;
   /** Digest of the platform's image manifest. */
@@ -74,8 +77,10 @@ export interface StageResult extends FetchResult {
   target: string;
 }
 
-function toReference(image: string | ImageReference): ImageReference {
-  return typeof image === "string" ? parseReference(image) : image;
+/** Open the source an image names; only registry references get a client. */
+function sourceFor(image: string | ImageReference, options: FetchOptions): { source: ImageSource; client?: RegistryClient } {
+  const client = isLocalSource(image) ? undefined : clientFor(options);
+  return { source: openImageSource(image, { client, hasher: options.hasher }), client };
 }
 
 function toPlatform(platform: Platform | string | undefined): Platform {
@@ -97,6 +102,8 @@ function clientFor(options: PullOptions): RegistryClient {
 
 /**
  * Resolve an image reference to the manifest digest of one platform.
+ * `image` may also name a local source, `oci:DIR[:TAG]` or
+ * `docker-archive:FILE[:NAME]` (see {@link openImageSource}).
  *
  * @example
  * ```ts
@@ -104,11 +111,17 @@ function clientFor(options: PullOptions): RegistryClient {
  * ```
  */
 export async function track(image: string | ImageReference, options: PullOptions = {}): Promise<TrackResult> {
-  const reference = toReference(image);
   const platform = toPlatform(options.platform);
-  const resolved = await clientFor(options).resolve(reference, platform);
+  const { source } = sourceFor(image, options);
+  let resolved;
+  try {
+    resolved = await source.resolve(platform);
+  } finally {
+    source.close();
+  }
   return {
-    reference,
+    reference: source.reference,
+    source: source.name,
     platform,
     digest: resolved.digest,
     indexDigest: resolved.indexDigest,
@@ -119,7 +132,13 @@ export async function track(image: string | ImageReference, options: PullOptions
 /**
  * Download the manifest, config and every layer of an image into the cache,
  * verifying each blob's size and sha256 while it streams. Blobs already in
- * the cache are not downloaded again.
+ * the cache are not downloaded again. A local source (`oci:DIR[:TAG]`,
+ * `docker-archive:FILE[:NAME]`) is copied into the cache the same way, and
+ * recorded in its `index.json` only when the source names the image (a
+ * docker archive's `RepoTags`).
+ *
+ * The name avoids shadowing the global `fetch`; `mod.ts` also exports it as
+ * `fetch` for those who import it under a namespace.
  */
 export async function fetchImage(image: string | ImageReference, options: FetchOptions = {}): Promise<FetchResult> {
   return await pull(image, options, undefined);
@@ -129,6 +148,11 @@ export async function fetchImage(image: string | ImageReference, options: FetchO
  * Pull an image and stage its root filesystem into `target`, which must be a
  * new or empty directory. Layers are applied in manifest order as soon as
  * each has arrived, while later layers still download.
+ *
+ * Local sources (`oci:DIR[:TAG]`, `docker-archive:FILE[:NAME]`) take the
+ * same path: their blobs are verified while they are copied into the cache,
+ * then applied from there, so each blob is checked once and a second stage
+ * of the same image reads nothing from the source but its manifest.
  *
  * @example
  * ```ts
@@ -152,12 +176,26 @@ export async function stage(image: string | ImageReference, target: string, opti
 type LayerSink = (cache: BlobCache, layer: Descriptor, index: number, count: number) => Promise<void>;
 
 async function pull(image: string | ImageReference, options: FetchOptions, sink: LayerSink | undefined): Promise<FetchResult> {
-  const reference = toReference(image);
   const platform = toPlatform(options.platform);
-  const client = clientFor(options);
-  const cache = options.cache instanceof BlobCache ? options.cache : new BlobCache(options.cache, { hasher: options.hasher });
+  const { source, client } = sourceFor(image, options);
+  try {
+    return await pullFrom(source, client, platform, options, sink);
+  } finally {
+    source.close();
+  }
+}
 
-  const resolved = await client.resolve(reference, platform);
+async function pullFrom(
+  source: ImageSource,
+  client: RegistryClient | undefined,
+  platform: Platform,
+  options: FetchOptions,
+  sink: LayerSink | undefined,
+): Promise<FetchResult> {
+  const cache = options.cache instanceof BlobCache ? options.cache : new BlobCache(options.cache, { hasher: options.hasher });
+  const reference = source.reference;
+
+  const resolved = await source.resolve(platform);
   const manifestDescriptor: BlobDescriptor = {
     mediaType: resolved.mediaType,
     digest: resolved.digest,
@@ -178,7 +216,7 @@ async function pull(image: string | ImageReference, options: FetchOptions, sink:
     const ingest = (skipMirrors: boolean) =>
       cache.ingest(
         descriptor,
-        (resume) => client.openBlob(reference, descriptor, { resumeFrom: resume, skipMirrors }),
+        (resume) => source.openBlob(descriptor, { resumeFrom: resume, skipMirrors }),
         (received) => options.onEvent?.({ type: "download", digest: descriptor.digest, received, total: descriptor.size, done: false }),
       );
     let fresh: boolean;
@@ -187,7 +225,7 @@ async function pull(image: string | ImageReference, options: FetchOptions, sink:
     } catch (error) {
       // Wrong content is only found at the end of a blob, too late to switch
       // sources in the stream, so a mirror's bad copy gets one retry from the registry.
-      if (!(error instanceof DigestMismatchError) || !client.hasMirrors(reference)) throw error;
+      if (!(error instanceof DigestMismatchError) || !reference || !client?.hasMirrors(reference)) throw error;
       fresh = await ingest(true);
     }
     if (fresh) downloaded++;
@@ -211,9 +249,10 @@ async function pull(image: string | ImageReference, options: FetchOptions, sink:
     throw error;
   }
 
-  cache.tagManifest(formatReference(reference), { ...manifestDescriptor, platform: { ...platform } });
+  if (source.cacheName) cache.tagManifest(source.cacheName, { ...manifestDescriptor, platform: { ...platform } });
   return {
     reference,
+    source: source.name,
     platform,
     digest: resolved.digest,
     indexDigest: resolved.indexDigest,

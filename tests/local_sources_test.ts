@@ -1,0 +1,274 @@
+/**
+ * Local image sources: OCI image layouts (`oci:DIR[:TAG]`) and `docker save`
+ * archives (`docker-archive:FILE[:NAME]`), built by hand, read through
+ * track, fetch and stage.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { gzipBytes } from "./fixtures/tar.ts";
+import { richImageLayers } from "./fixtures/images.ts";
+import { diffTrees, snapshotTree } from "./fixtures/tree.ts";
+import { MemoryRegistry } from "./fixtures/registry.ts";
+import {
+  buildImage,
+  type BuiltImage,
+  writeLegacyArchive,
+  writeOciArchive,
+  writeOciLayout,
+} from "./fixtures/local_images.ts";
+import { openImageSource, parseSourceLocation } from "../src/image-source.ts";
+import { fetchImage, stage, track } from "../src/stage.ts";
+import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError, ManifestError } from "../src/errors.ts";
+import { RegistryClient } from "../src/registry/client.ts";
+import { BlobCache } from "../src/cache.ts";
+
+const AMD64 = { os: "linux", architecture: "amd64" };
+const ARM64 = { os: "linux", architecture: "arm64", variant: "v8" };
+
+function tempDir(prefix: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
+}
+
+function simpleImage(text: string, platform = AMD64, compression: "gzip" | "none" = "gzip"): BuiltImage {
+  return buildImage([
+    [{ path: "etc/", type: "dir" }, { path: "etc/release", content: text }, { path: "old", content: "old\n" }],
+    [{ path: ".wh.old", content: "" }, { path: "etc/extra", content: "extra\n" }],
+  ], { platform, compression });
+}
+
+async function stageInto(source: string, cache: string, platform = "linux/amd64"): Promise<string> {
+  const target = path.join(tempDir("target"), "rootfs");
+  await stage(source, target, { cache, platform });
+  return target;
+}
+
+test("parseSourceLocation() reads oci and docker-archive forms", () => {
+  assert.deepEqual(parseSourceLocation("oci:/srv/layout"), { kind: "oci", dir: "/srv/layout" });
+  assert.deepEqual(parseSourceLocation("oci:/srv/layout:1.0"), { kind: "oci", dir: "/srv/layout", tag: "1.0" });
+  assert.deepEqual(parseSourceLocation("oci:cache:127.0.0.1:5000/base:1.0"), {
+    kind: "oci",
+    dir: "cache",
+    tag: "127.0.0.1:5000/base:1.0",
+  });
+  assert.deepEqual(parseSourceLocation("docker-archive:/tmp/a.tar:app:1"), {
+    kind: "docker-archive",
+    file: "/tmp/a.tar",
+    name: "app:1",
+  });
+  assert.equal(parseSourceLocation("alpine").kind, "registry");
+});
+
+test("parseSourceLocation() keeps an existing path with a colon whole", () => {
+  const dir = path.join(tempDir("colon"), "a:b");
+  fs.mkdirSync(dir);
+  assert.deepEqual(parseSourceLocation(`oci:${dir}`), { kind: "oci", dir });
+});
+
+test("parseSourceLocation() rejects an empty path or name", () => {
+  assert.throws(() => parseSourceLocation("oci:"), InvalidReferenceError);
+  assert.throws(() => parseSourceLocation("docker-archive::app"), /the path is empty/);
+  assert.throws(() => parseSourceLocation("oci:/nonexistent-dir:"), /the name after ":" is empty/);
+});
+
+test("stage() gives one tree from a layout and both archive forms", async () => {
+  const work = tempDir("rich");
+  const layers = richImageLayers();
+  const gzipped = buildImage(layers);
+  const plain = buildImage(layers, { compression: "none" });
+  writeOciLayout(path.join(work, "layout"), [{ name: "1.0", images: [gzipped] }]);
+  writeLegacyArchive(path.join(work, "legacy.tar"), [{ image: plain, repoTags: ["rich:1.0"] }]);
+  writeOciArchive(path.join(work, "oci.tar"), [{ image: plain, repoTags: ["rich:1.0"] }]);
+
+  const fromLayout = await stageInto(`oci:${work}/layout:1.0`, path.join(work, "cache-a"));
+  const fromLegacy = await stageInto(`docker-archive:${work}/legacy.tar`, path.join(work, "cache-b"));
+  const fromOciArchive = await stageInto(`docker-archive:${work}/oci.tar:rich:1.0`, path.join(work, "cache-c"));
+
+  const expected = snapshotTree(fromLayout);
+  assert.equal(fs.readFileSync(path.join(fromLayout, "bin/tool"), "utf8"), "#!/bin/sh\necho tool v2\n");
+  assert.equal(expected.has("etc/hosts"), false);
+  assert.deepEqual(diffTrees(expected, snapshotTree(fromLegacy)), []);
+  assert.deepEqual(diffTrees(expected, snapshotTree(fromOciArchive)), []);
+});
+
+test("stage() selects the platform of a layout entry that is an index", async () => {
+  const work = tempDir("platforms");
+  writeOciLayout(path.join(work, "layout"), [{ name: "multi", images: [simpleImage("amd64\n"), simpleImage("arm64\n", ARM64)] }]);
+
+  const amd = await stageInto(`oci:${work}/layout:multi`, path.join(work, "cache"), "linux/amd64");
+  const arm = await stageInto(`oci:${work}/layout:multi`, path.join(work, "cache"), "linux/arm64");
+  assert.equal(fs.readFileSync(path.join(amd, "etc/release"), "utf8"), "amd64\n");
+  assert.equal(fs.readFileSync(path.join(arm, "etc/release"), "utf8"), "arm64\n");
+  assert.equal(fs.existsSync(path.join(arm, "old")), false, "the whiteout applies");
+  await assert.rejects(stageInto(`oci:${work}/layout:multi`, path.join(work, "cache"), "linux/s390x"), /linux\/amd64/);
+});
+
+test("track() of a layout index entry returns the platform's manifest", async () => {
+  const work = tempDir("track");
+  const amd = simpleImage("a\n");
+  const arm = simpleImage("b\n", ARM64);
+  writeOciLayout(path.join(work, "layout"), [{ name: "multi", images: [amd, arm] }]);
+  const result = await track(`oci:${work}/layout:multi`, { platform: "linux/arm64" });
+  assert.equal(result.digest, arm.manifest.digest);
+  assert.ok(result.indexDigest);
+  assert.equal(result.reference, undefined);
+  assert.equal(result.source, `oci:${work}/layout:multi`);
+});
+
+test("layout without a tag needs a single named image", async () => {
+  const work = tempDir("untagged");
+  writeOciLayout(path.join(work, "one"), [{ images: [simpleImage("one\n")] }]);
+  writeOciLayout(path.join(work, "two"), [{ name: "a", images: [simpleImage("a\n")] }, { name: "b", images: [simpleImage("b\n")] }]);
+
+  const target = await stageInto(`oci:${work}/one`, path.join(work, "cache"));
+  assert.equal(fs.readFileSync(path.join(target, "etc/release"), "utf8"), "one\n");
+
+  const error = await track(`oci:${work}/two`, { platform: "linux/amd64" }).catch((caught) => caught);
+  assert.ok(error instanceof ImageNotFoundError);
+  assert.deepEqual(error.available, ["a", "b"]);
+  assert.match(error.message, /several images/);
+});
+
+test("layout with an unknown tag lists the names it has", async () => {
+  const work = tempDir("unknown");
+  writeOciLayout(work, [{ name: "1.0", images: [simpleImage("x\n")] }, { name: "2.0", images: [simpleImage("y\n")] }]);
+  const error = await track(`oci:${work}:3.0`).catch((caught) => caught);
+  assert.ok(error instanceof ImageNotFoundError);
+  assert.match(error.message, /no image named "3\.0".*"1\.0", "2\.0"/);
+});
+
+test("a directory that is not a layout is named in the error", async () => {
+  const work = tempDir("not-layout");
+  await assert.rejects(track(`oci:${work}`), (error: Error) => {
+    assert.ok(error instanceof ManifestError);
+    assert.match(error.message, /is not an OCI image layout: it has no oci-layout file/);
+    return true;
+  });
+});
+
+test("stage() rejects a corrupt layer blob in a layout", async () => {
+  const work = tempDir("corrupt");
+  const image = simpleImage("x\n");
+  writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [image] }]);
+  const blob = path.join(work, "layout", "blobs", "sha256", image.layers[1].digest.slice(7));
+  const bytes = fs.readFileSync(blob);
+  bytes[bytes.length - 1] ^= 0xff;
+  fs.writeFileSync(blob, bytes);
+
+  const cache = path.join(work, "cache");
+  await assert.rejects(stageInto(`oci:${work}/layout:1`, cache), (error: Error) => {
+    assert.ok(error instanceof DigestMismatchError, String(error));
+    assert.equal(error.expected, image.layers[1].digest);
+    assert.match(error.message, /in "oci:.*layout:1"/);
+    return true;
+  });
+  assert.equal(new BlobCache(cache).has(image.layers[1].digest as `sha256:${string}`), false, "the corrupt blob is not cached");
+});
+
+test("stage() rejects a layout blob of the wrong size before reading it", async () => {
+  const work = tempDir("short");
+  const image = simpleImage("x\n");
+  writeOciLayout(work, [{ name: "1", images: [image] }]);
+  fs.truncateSync(path.join(work, "blobs", "sha256", image.layers[0].digest.slice(7)), 10);
+  await assert.rejects(stageInto(`oci:${work}:1`, path.join(tempDir("cache"), "c")), /has 10 bytes, expected \d+/);
+});
+
+test("ocistage's own cache is a layout that stage() reads", async () => {
+  const registry = new MemoryRegistry();
+  const tar = (await import("./fixtures/tar.ts")).buildTar([{ path: "hello", content: "from the registry\n" }]);
+  registry.pushImage("team/app", "1.0", [{ bytes: gzipBytes(tar), mediaType: "application/vnd.oci.image.layer.v1.tar+gzip" }]);
+  const cache = tempDir("own-cache");
+  const client = new RegistryClient({ fetch: registry.fetch });
+  await fetchImage("reg.example/team/app:1.0", { client, cache, platform: "linux/amd64" });
+
+  const target = await stageInto(`oci:${cache}:reg.example/team/app:1.0`, tempDir("second-cache"));
+  assert.equal(fs.readFileSync(path.join(target, "hello"), "utf8"), "from the registry\n");
+});
+
+test("legacy archive layers are verified against the config's diff_ids", async () => {
+  const work = tempDir("legacy-corrupt");
+  const image = simpleImage("x\n", AMD64, "none");
+  image.layers[0].bytes = image.layers[0].bytes.slice();
+  const content = new TextEncoder().encode("x\n");
+  const at = image.layers[0].bytes.findIndex((_, i) => content.every((byte, j) => image.layers[0].bytes[i + j] === byte));
+  image.layers[0].bytes[at] = "y".charCodeAt(0);
+  writeLegacyArchive(path.join(work, "a.tar"), [{ image, repoTags: ["app:1"] }]);
+  await assert.rejects(stageInto(`docker-archive:${work}/a.tar`, path.join(work, "cache")), (error: Error) => {
+    assert.ok(error instanceof DigestMismatchError, String(error));
+    assert.equal(error.expected, image.layers[0].digest, "checked against the diff_id the config states");
+    return true;
+  });
+});
+
+test("legacy archive follows symlinked layer members", async () => {
+  const work = tempDir("legacy-links");
+  writeLegacyArchive(path.join(work, "a.tar"), [{ image: simpleImage("linked\n", AMD64, "none"), repoTags: ["app:1"] }], {
+    symlinkLayers: true,
+  });
+  const target = await stageInto(`docker-archive:${work}/a.tar`, path.join(work, "cache"));
+  assert.equal(fs.readFileSync(path.join(target, "etc/release"), "utf8"), "linked\n");
+  assert.equal(fs.readFileSync(path.join(target, "etc/extra"), "utf8"), "extra\n");
+});
+
+test("archive with several images selects by RepoTag", async () => {
+  const work = tempDir("several");
+  const file = path.join(work, "a.tar");
+  writeLegacyArchive(file, [
+    { image: simpleImage("one\n", AMD64, "none"), repoTags: ["app:1", "registry.example/app:1"] },
+    { image: simpleImage("two\n", AMD64, "none"), repoTags: ["app:2"] },
+  ]);
+
+  const target = await stageInto(`docker-archive:${file}:docker.io/library/app:2`, path.join(work, "cache"));
+  assert.equal(fs.readFileSync(path.join(target, "etc/release"), "utf8"), "two\n");
+
+  const unnamed = await track(`docker-archive:${file}`).catch((caught) => caught);
+  assert.ok(unnamed instanceof ImageNotFoundError);
+  assert.match(unnamed.message, /holds 2 images: name one/);
+  const missing = await track(`docker-archive:${file}:app:3`).catch((caught) => caught);
+  assert.ok(missing instanceof ImageNotFoundError);
+  assert.deepEqual(missing.available, ["app:1", "registry.example/app:1", "app:2"]);
+});
+
+test("OCI-form archive reports the image's own manifest digest", async () => {
+  const work = tempDir("oci-archive");
+  const image = simpleImage("x\n", AMD64, "none");
+  writeOciArchive(path.join(work, "a.tar"), [{ image, repoTags: ["app:1"] }]);
+  const result = await track(`docker-archive:${work}/a.tar`);
+  assert.equal(result.digest, image.manifest.digest);
+});
+
+test("a gzip-compressed archive gets a clear error", async () => {
+  const work = tempDir("gzip-archive");
+  writeLegacyArchive(path.join(work, "a.tar"), [{ image: simpleImage("x\n", AMD64, "none"), repoTags: ["app:1"] }]);
+  fs.writeFileSync(path.join(work, "a.tar.gz"), gzipBytes(fs.readFileSync(path.join(work, "a.tar"))));
+  await assert.rejects(track(`docker-archive:${work}/a.tar.gz`), /is gzip-compressed: decompress it first/);
+  await assert.rejects(track(`docker-archive:${work}/missing.tar`), /cannot open docker archive ".*missing\.tar": check the path/);
+});
+
+test("fetchImage() copies an archive into the cache under its RepoTag", async () => {
+  const work = tempDir("import");
+  const image = simpleImage("imported\n", AMD64, "none");
+  writeLegacyArchive(path.join(work, "a.tar"), [{ image, repoTags: ["app:1"] }]);
+  const cache = path.join(work, "cache");
+  const result = await fetchImage(`docker-archive:${work}/a.tar`, { cache });
+  assert.equal(result.downloaded, 3, "config and two layers copied");
+  assert.equal(result.source, `docker-archive:${work}/a.tar`);
+  assert.ok(new BlobCache(cache).findManifest("docker.io/library/app:1"), "recorded under the normalized tag");
+
+  fs.rmSync(path.join(work, "a.tar"));
+  const target = await stageInto(`oci:${cache}:docker.io/library/app:1`, cache);
+  assert.equal(fs.readFileSync(path.join(target, "etc/release"), "utf8"), "imported\n");
+});
+
+test("listTags() returns layout names and archive RepoTags", async () => {
+  const work = tempDir("tags");
+  writeOciLayout(path.join(work, "layout"), [{ name: "1.0", images: [simpleImage("a\n")] }, { name: "2.0", images: [simpleImage("b\n")] }]);
+  writeLegacyArchive(path.join(work, "a.tar"), [{ image: simpleImage("a\n", AMD64, "none"), repoTags: ["app:1", "app:latest"] }]);
+
+  const layout = openImageSource(`oci:${work}/layout`);
+  assert.deepEqual(await layout.listTags(), ["1.0", "2.0"]);
+  const archive = openImageSource(`docker-archive:${work}/a.tar`);
+  assert.deepEqual(await archive.listTags(), ["app:1", "app:latest"]);
+});
