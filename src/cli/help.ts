@@ -21,6 +21,13 @@ Registry and cache options:
                                 else hash-wasm)
   --allow-foreign-urls          fetch foreign layers from the URLs their
                                 descriptors list (off by default)
+  --mirror REGISTRY=LOCATION    try a mirror first for manifests by digest
+                                and blobs, then REGISTRY itself; repeatable,
+                                tried in order (docker.io=https://mirror.example,
+                                quay.io=127.0.0.1:5001/quay)
+  --mirrors-file FILE           YAML or JSON file with a "mirrors" mapping of
+                                registry to location(s), tried after the
+                                --mirror flags (default: $OCISTAGE_MIRRORS)
 
 Output options:
   --json                        machine-readable result on standard output
@@ -29,7 +36,9 @@ Output options:
 
 Credentials are also read from OCISTAGE_USERNAME and OCISTAGE_PASSWORD, and
 from docker's config.json ($DOCKER_CONFIG or ~/.docker), credential helpers
-included.
+included. Mirrors get credentials only from config.json, by their own host;
+--username and OCISTAGE_USERNAME are never sent to them. Tags are always
+resolved at the registry itself.
 `;
 
 /** The short usage shown with a usage error. */

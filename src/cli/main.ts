@@ -11,6 +11,8 @@ import { ElementError, InvalidReferenceError } from "../errors.ts";
 import { parseElement, setRef } from "../element.ts";
 import { DockerSource } from "../source.ts";
 import { fetchImage, type FetchOptions, stage, track } from "../stage.ts";
+import { addMirrorFlag, mergeMirrors, type MirrorMap, mirrorHosts, parseMirrorsFile } from "../mirrors.ts";
+import { chainCredentials, credentialsExcept, dockerConfigCredentials, environmentCredentials } from "../registry/auth.ts";
 import { ProgressReporter } from "./progress.ts";
 import { HELP, USAGE } from "./help.ts";
 
@@ -37,6 +39,8 @@ const OPTIONS = {
   concurrency: { type: "string" },
   hasher: { type: "string" },
   "allow-foreign-urls": { type: "boolean" },
+  mirror: { type: "string", multiple: true },
+  "mirrors-file": { type: "string" },
   json: { type: "boolean" },
   quiet: { type: "boolean", short: "q" },
   help: { type: "boolean", short: "h" },
@@ -44,7 +48,9 @@ const OPTIONS = {
 } as const satisfies ParseArgsConfig["options"];
 
 type Flags = {
-  [K in keyof typeof OPTIONS]?: (typeof OPTIONS)[K]["type"] extends "string" ? string : boolean;
+  [K in keyof typeof OPTIONS]?: (typeof OPTIONS)[K] extends { multiple: true } ? string[]
+    : (typeof OPTIONS)[K]["type"] extends "string" ? string
+    : boolean;
 };
 
 const COMMANDS = ["track", "fetch", "stage"] as const;
@@ -215,6 +221,8 @@ async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter):
   if (flags.cache !== undefined) options.cache = flags.cache;
   if (flags["plain-http"]) options.plainHttp = true;
   if (flags["allow-foreign-urls"]) options.allowForeignUrls = true;
+  const mirrors = mirrorOptions(flags, io);
+  if (mirrors) options.mirrors = mirrors;
   if (flags.concurrency !== undefined) {
     const value = Number(flags.concurrency);
     if (!Number.isInteger(value) || value < 1 || value > 64) {
@@ -237,9 +245,40 @@ async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter):
     }
     const password = await readAll(io.stdin);
     const username = flags.username;
-    options.credentials = () => Promise.resolve({ username, password });
+    // Flag and environment credentials name no host, so mirrors never get them;
+    // docker's config.json still serves mirrors and foreign hosts by their own name.
+    const notMirrors = mirrorHosts(options.mirrors);
+    options.credentials = chainCredentials(
+      credentialsExcept(notMirrors, () => Promise.resolve({ username, password })),
+      credentialsExcept(notMirrors, environmentCredentials(io.env ?? globalThis.process?.env)),
+      dockerConfigCredentials({ env: io.env ?? globalThis.process?.env }),
+    );
   }
   return options;
+}
+
+/** Collect mirrors from --mirror flags, then --mirrors-file or $OCISTAGE_MIRRORS. */
+function mirrorOptions(flags: Flags, io: CliIo): MirrorMap | undefined {
+  const fromFlags: MirrorMap = {};
+  try {
+    for (const value of flags.mirror ?? []) addMirrorFlag(fromFlags, value);
+  } catch (error) {
+    throw new UsageError(`--mirror: ${(error as Error).message}`);
+  }
+
+  const file = flags["mirrors-file"] ?? (io.env ?? globalThis.process?.env)?.OCISTAGE_MIRRORS;
+  let fromFile: MirrorMap | undefined;
+  if (file) {
+    let text: string;
+    try {
+      text = fs.readFileSync(file, "utf8");
+    } catch (error) {
+      throw new UsageError(`cannot read mirrors file "${file}" (${(error as Error).message}): check the path`);
+    }
+    fromFile = parseMirrorsFile(text, file);
+  }
+  const merged = mergeMirrors(fromFlags, fromFile);
+  return Object.keys(merged).length > 0 ? merged : undefined;
 }
 
 async function readAll(stdin: CliIo["stdin"]): Promise<string> {
