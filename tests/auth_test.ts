@@ -435,3 +435,11 @@ test("dockerConfigCredentials() handles missing and bad files", async () => {
     badAuth.cleanup();
   }
 });
+
+test("parseWwwAuthenticate() keeps a __proto__ parameter", () => {
+  const [challenge] = parseWwwAuthenticate('Bearer __proto__="x", realm="r"');
+  assert.ok(Object.hasOwn(challenge.params, "__proto__"), "the __proto__ parameter was dropped");
+  assert.equal(Object.getOwnPropertyDescriptor(challenge.params, "__proto__")?.value, "x");
+  assert.equal(Object.getPrototypeOf(challenge.params), Object.prototype);
+  assert.equal(challenge.params.realm, "r");
+});

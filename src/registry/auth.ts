@@ -126,7 +126,9 @@ class HeaderParser {
       }
       this.position++;
       this.skipWhitespace();
-      into[name.toLowerCase()] = this.peek() === '"' ? this.quotedString() : this.token();
+      const value = this.peek() === '"' ? this.quotedString() : this.token();
+      // Plain assignment of "__proto__" would set the prototype on Node and Bun and drop the parameter.
+      Object.defineProperty(into, name.toLowerCase(), { value, enumerable: true, writable: true, configurable: true });
       this.skipWhitespace();
 
       if (this.peek() !== ",") {
