@@ -92,7 +92,7 @@ function toPlatform(platform: Platform | string | undefined): Platform {
  * Build the client for one call. Without explicit `credentials`, they come
  * from OCISTAGE_USERNAME/OCISTAGE_PASSWORD, then docker's config.json.
  */
-function clientFor(options: PullOptions): RegistryClient {
+export function clientFor(options: PullOptions): RegistryClient {
   if (options.client) return options.client;
   // OCISTAGE_USERNAME/OCISTAGE_PASSWORD name no host, so mirrors never get them.
   const credentials = options.credentials ??

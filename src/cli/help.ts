@@ -30,9 +30,14 @@ Registry and cache options:
                                 --mirror flags (default: $OCISTAGE_MIRRORS)
 
 Output options:
-  --json                        machine-readable result on standard output
+  --json                        machine-readable result on standard output,
+                                and progress as one JSON object per line on
+                                standard error
   -q, --quiet                   no progress or warnings on standard error
   -h, --help                    this help
+
+Progress goes to standard error: a bar per blob with bytes, rate and time
+left when it is a terminal, else one line per finished step.
 
 Credentials are also read from OCISTAGE_USERNAME and OCISTAGE_PASSWORD, and
 from docker's config.json ($DOCKER_CONFIG or ~/.docker), credential helpers
@@ -41,9 +46,25 @@ included. Mirrors get credentials only from config.json, by their own host;
 resolved at the registry itself.
 `;
 
+const SOURCES = `IMAGE is a registry reference such as alpine, alpine:3.20,
+127.0.0.1:5000/team/base:1.0 or name@sha256:<hex>, or a local image:
+  oci:DIR[:TAG]                 an OCI image layout (skopeo, umoci, or
+                                ocistage's cache); TAG is the entry's
+                                org.opencontainers.image.ref.name, needed
+                                when the layout holds several images
+  docker-archive:FILE[:NAME]    an uncompressed "docker save" archive; NAME
+                                is one of its RepoTags, needed when it holds
+                                several images
+Local images are verified and copied into the cache like downloads.
+ELEMENT is a BuildStream element file (.bst, .yml, .yaml) with "kind: docker"
+sources.
+`;
+
 /** The short usage shown with a usage error. */
-export const USAGE = `usage: ocistage track|fetch IMAGE|ELEMENT [options]
+export const USAGE = `usage: ocistage track|fetch|inspect IMAGE|ELEMENT [options]
        ocistage stage IMAGE|ELEMENT DIR [options]
+       ocistage export IMAGE|ELEMENT [-o FILE] [options]
+       ocistage key ELEMENT
 Run "ocistage --help" for details.
 `;
 
@@ -59,11 +80,14 @@ Usage:
                                        cache, verifying every sha256
   ocistage stage IMAGE|ELEMENT DIR     fetch, then apply the layers into DIR
                                        (a new or empty directory)
+  ocistage export IMAGE|ELEMENT        write the flattened root filesystem as
+                                       one tar archive (-o FILE or stdout)
+  ocistage inspect IMAGE|ELEMENT       show the manifest, config and offered
+                                       platforms; --tags lists the tags
+  ocistage key ELEMENT                 print each docker source's unique key
 
-IMAGE is a reference such as alpine, alpine:3.20,
-127.0.0.1:5000/team/base:1.0 or name@sha256:<hex>. ELEMENT is a BuildStream
-element file (.bst, .yml, .yaml) with a "kind: docker" source.
-
+${SOURCES}
+Run "ocistage COMMAND --help" for the options of one command.
 Exit codes: 0 success, 1 failure, 2 usage error.
 ${COMMON}`,
   track: `Usage: ocistage track IMAGE|ELEMENT [options]
@@ -71,19 +95,63 @@ ${COMMON}`,
 Resolve IMAGE's tag to the digest of the manifest for one platform and print
 it. On an element file, resolve each docker source's "track" tag and write
 the new "ref" back into the file, changing only that line.
-${COMMON}`,
+
+${SOURCES}${COMMON}`,
   fetch: `Usage: ocistage fetch IMAGE|ELEMENT [options]
 
 Download the manifest, the config and every layer into the cache. Each blob
 is checked against its size and sha256 while it streams and renamed into
 place only when it matches; blobs already cached are not downloaded again,
 and an interrupted download resumes. Prints the manifest digest.
-${COMMON}`,
+
+${SOURCES}${COMMON}`,
   stage: `Usage: ocistage stage IMAGE|ELEMENT DIR [options]
 
 Fetch the image and apply its layers in order into DIR, which must be new or
 empty. Whiteouts are applied, device nodes and everything under dev/ are
 dropped, every file is made owner-readable and every directory owner-
 writable, and nothing is written outside DIR.
-${COMMON}`,
+
+${SOURCES}${COMMON}`,
+  export: `Usage: ocistage export IMAGE|ELEMENT [-o FILE] [options]
+
+Write the image's flattened root filesystem as one tar archive, like
+"crane export": whiteouts are applied and the files they hide are left out.
+The image is staged into a temporary directory first ($TMPDIR, else /tmp),
+which needs room for the unpacked image and is removed afterwards. The
+archive therefore holds what "stage" keeps: no device nodes, FIFOs or
+entries under dev/, files owner-readable, directories owner-writable.
+Regular files, directories, symlinks and hardlinks keep their mode and
+mtime (whole seconds); owners are kept when running as root, else 0.
+
+  -o, --output FILE             write the archive to FILE, replaced only
+                                when complete (default: standard output,
+                                which must not be a terminal; "-" means
+                                standard output)
+
+${SOURCES}${COMMON}`,
+  inspect: `Usage: ocistage inspect IMAGE|ELEMENT [--tags] [--json] [options]
+
+Show what the reference names (an index or a manifest) with its digest, the
+platforms an index offers, and for one platform (--platform, default this
+host's when offered) the manifest, the layers with their sizes in bytes as
+stored, and the config: created time, entrypoint, command, environment,
+working directory, user and labels. Nothing is stored in the cache.
+
+  --tags                        also list the tags: the repository's tags on
+                                a registry, ref names in an OCI layout,
+                                RepoTags in a docker archive
+  --json                        print the result as one JSON object, with
+                                the full manifest and config documents; on
+                                an element, one entry per source with its
+                                unique key
+
+${SOURCES}${COMMON}`,
+  key: `Usage: ocistage key ELEMENT [--json]
+
+Print the unique key of each docker source of ELEMENT, one JSON array per
+line: [registry-url, image, "sha256:<ref>"], the key BuildStream derives
+for the source. Every source needs a ref: run "ocistage track ELEMENT"
+first. Nothing is downloaded.
+`,
 };

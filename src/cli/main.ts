@@ -11,6 +11,10 @@ import { ElementError, InvalidReferenceError } from "../errors.ts";
 import { parseElement, setRef } from "../element.ts";
 import { DockerSource } from "../source.ts";
 import { fetchImage, type FetchOptions, stage, track } from "../stage.ts";
+import { exportTar } from "../export.ts";
+import { inspect } from "../inspect.ts";
+import { formatReference, referenceFromRegistryUrl } from "../reference.ts";
+import { formatInspect, outputStream, writableFor } from "./output.ts";
 import { addMirrorFlag, mergeMirrors, type MirrorMap, mirrorHosts, parseMirrorsFile } from "../mirrors.ts";
 import { chainCredentials, credentialsExcept, dockerConfigCredentials, environmentCredentials } from "../registry/auth.ts";
 import { ProgressReporter } from "./progress.ts";
@@ -18,7 +22,8 @@ import { HELP, USAGE } from "./help.ts";
 
 /** The streams and environment the CLI uses. */
 export interface CliIo {
-  stdout: { write(text: string): unknown; isTTY?: boolean };
+  /** Receives results; `export` writes binary chunks and waits for "drain" when `write` returns false. */
+  stdout: { write(chunk: string | Uint8Array): unknown; isTTY?: boolean; once?(event: "drain", listener: () => void): unknown };
   stderr: { write(text: string): unknown; isTTY?: boolean; columns?: number };
   stdin?: AsyncIterable<Uint8Array | string>;
   env?: Record<string, string | undefined>;
@@ -41,6 +46,8 @@ const OPTIONS = {
   "allow-foreign-urls": { type: "boolean" },
   mirror: { type: "string", multiple: true },
   "mirrors-file": { type: "string" },
+  output: { type: "string", short: "o" },
+  tags: { type: "boolean" },
   json: { type: "boolean" },
   quiet: { type: "boolean", short: "q" },
   help: { type: "boolean", short: "h" },
@@ -53,7 +60,7 @@ type Flags = {
     : boolean;
 };
 
-const COMMANDS = ["track", "fetch", "stage"] as const;
+const COMMANDS = ["track", "fetch", "stage", "export", "inspect", "key"] as const;
 type Command = (typeof COMMANDS)[number];
 
 /** Run the CLI with `argv` (without the program name) and return the exit code. */
@@ -126,15 +133,22 @@ function describeError(error: unknown): string {
 async function dispatch(command: Command, operands: string[], flags: Flags, io: CliIo, reporter: ProgressReporter): Promise<number> {
   const wanted = command === "stage" ? 2 : 1;
   if (operands.length !== wanted) {
-    const form = command === "stage" ? "IMAGE|ELEMENT DIR" : "IMAGE|ELEMENT";
+    const form = command === "stage" ? "IMAGE|ELEMENT DIR" : command === "key" ? "ELEMENT" : "IMAGE|ELEMENT";
     throw new UsageError(`"${command}" takes ${form}, got ${operands.length} argument(s): see ocistage ${command} --help`);
   }
+  checkCommandFlags(command, flags, io);
   const options = await pullOptions(flags, io, reporter);
   const input = operands[0];
 
-  if (isElementPath(input)) return await runElement(command, input, operands[1], flags, options, io);
+  if (command === "key" || isElementPath(input)) return await runElement(command, input, operands[1], flags, options, io, reporter);
 
   if (flags["registry-url"]) throw new UsageError(`--registry-url applies to element files only; put the registry in the image reference "${input}"`);
+  if (command === "export") return await runExport(input, flags, options, io, reporter);
+  if (command === "inspect") {
+    const result = await inspect(input, { ...options, tags: flags.tags === true });
+    io.stdout.write(flags.json ? JSON.stringify(result) + "\n" : formatInspect(result));
+    return 0;
+  }
   if (command === "track") {
     const result = await track(input, options);
     io.stdout.write(flags.json ? JSON.stringify(trackJson(result)) + "\n" : `${result.digest}\n`);
@@ -143,8 +157,27 @@ async function dispatch(command: Command, operands: string[], flags: Flags, io: 
     io.stdout.write(flags.json ? JSON.stringify(fetchJson(result)) + "\n" : `${result.digest}\n`);
   } else {
     const result = await stage(input, operands[1], options);
-    reporter.finish(`staged ${input} (${result.digest}) into ${operands[1]}`);
+    reporter.finish(`staged ${result.source} (${result.digest}) into ${operands[1]}`);
   }
+  return 0;
+}
+
+/** Reject flags that the command does not use, naming the command that does. */
+function checkCommandFlags(command: Command, flags: Flags, io: CliIo): void {
+  if (flags.output !== undefined && command !== "export") {
+    throw new UsageError(`-o/--output applies to export only; "${command}" writes to standard output`);
+  }
+  if (flags.tags && command !== "inspect") throw new UsageError(`--tags applies to inspect only, not to "${command}"`);
+  if (command === "export" && flags.output === undefined && io.stdout.isTTY) {
+    throw new UsageError("export writes a tar archive, and standard output is a terminal: pass -o FILE or redirect it, as in > rootfs.tar");
+  }
+}
+
+async function runExport(input: string, flags: Flags, options: FetchOptions, io: CliIo, reporter: ProgressReporter): Promise<number> {
+  const output = flags.output === undefined || flags.output === "-" ? { stream: writableFor(io.stdout), commit: () => {} } : outputStream(flags.output);
+  const result = await exportTar(input, output.stream, options);
+  output.commit();
+  reporter.finish(`exported ${result.source} (${result.digest}): ${result.entries} entries to ${flags.output ?? "standard output"}`);
   return 0;
 }
 
@@ -165,6 +198,7 @@ async function runElement(
   flags: Flags,
   options: FetchOptions,
   io: CliIo,
+  reporter: ProgressReporter,
 ): Promise<number> {
   let text: string;
   try {
@@ -173,7 +207,56 @@ async function runElement(
     throw new ElementError(`cannot read element file "${file}": check the path`, { file, cause: error });
   }
   const configs = parseElement(text, file);
+  // Every pull option, mirrors included, reaches each source's registry client.
   const sources = configs.map((config) => new DockerSource(config, { ...options, registryUrl: flags["registry-url"] ?? config.registryUrl }));
+
+  try {
+    return await runSources(command, file, text, sources, target, flags, options, io, reporter);
+  } catch (error) {
+    // Errors about one source carry its line; add the file so the message points to it.
+    if (error instanceof ElementError && error.file === undefined && error.line !== undefined) {
+      const key = error.key ? ` key "${error.key}"` : "";
+      throw new ElementError(`"${file}" line ${error.line}${key}: ${error.message}`, { file, line: error.line, key: error.key, cause: error.cause });
+    }
+    throw error;
+  }
+}
+
+async function runSources(
+  command: Command,
+  file: string,
+  text: string,
+  sources: DockerSource[],
+  target: string | undefined,
+  flags: Flags,
+  options: FetchOptions,
+  io: CliIo,
+  reporter: ProgressReporter,
+): Promise<number> {
+  if (command === "key") {
+    const keys = sources.map((source) => source.uniqueKey());
+    io.stdout.write(flags.json ? JSON.stringify({ file, keys }) + "\n" : keys.map((key) => JSON.stringify(key) + "\n").join(""));
+    return 0;
+  }
+
+  if (command === "inspect" || command === "export") {
+    const registryUrl = (source: DockerSource) => flags["registry-url"] ?? source.config.registryUrl;
+    const images = sources.map((source) => pinnedImage(source, registryUrl(source)));
+    if (command === "export") {
+      if (sources.length !== 1) {
+        throw new ElementError(`element "${file}" has ${sources.length} docker sources: export takes an element with one`, { file });
+      }
+      return await runExport(images[0], flags, { ...options, platform: sources[0].platform, registryUrl: registryUrl(sources[0]) }, io, reporter);
+    }
+    const results = [];
+    for (const [i, source] of sources.entries()) {
+      const sourceOptions = { ...options, platform: source.platform, registryUrl: registryUrl(source), tags: flags.tags === true };
+      const result = await inspect(images[i], sourceOptions);
+      results.push({ ...result, uniqueKey: source.digest ? source.uniqueKey() : undefined });
+    }
+    io.stdout.write(flags.json ? JSON.stringify({ file, sources: results }) + "\n" : results.map(formatInspect).join("\n"));
+    return 0;
+  }
 
   if (command === "track") {
     let updated = text;
@@ -206,6 +289,12 @@ async function runElement(
   }
   for (const source of sources) await source.stage(target!);
   return 0;
+}
+
+/** The registry reference of a source: its pinned digest, else its track tag. */
+function pinnedImage(source: DockerSource, registryUrl: string): string {
+  const { image, ref, track } = source.config;
+  return formatReference(referenceFromRegistryUrl(registryUrl, image, ref ? `sha256:${ref}` : track));
 }
 
 function writeFileKeepingMode(file: string, text: string): void {
@@ -293,6 +382,7 @@ async function readAll(stdin: CliIo["stdin"]): Promise<string> {
 
 function trackJson(result: Awaited<ReturnType<typeof track>>) {
   return {
+    source: result.source,
     reference: result.reference,
     platform: result.platform,
     digest: result.digest,

@@ -1,7 +1,8 @@
 /**
  * Rendering of library events on standard error: a redrawn block of
  * per-blob progress bars on a terminal, one line per finished step
- * otherwise, nothing with --quiet (warnings included).
+ * otherwise, one JSON object per line with --json, and nothing with
+ * --quiet (warnings included).
  *
  * @module
  */
@@ -22,26 +23,49 @@ interface BlobState {
   started: number;
 }
 
-/** Turns {@link ProgressEvent}s into text on a stream. */
+/** Options of {@link ProgressReporter}. */
+export interface ReporterOptions {
+  /** Write nothing. Default false. */
+  quiet?: boolean;
+  /** Write each finished step, warning and retry as one JSON object per line. Default false. */
+  json?: boolean;
+  /** Redraw progress bars. Default: `out.isTTY`. */
+  tty?: boolean;
+  /** Clock in milliseconds, for rates and redraw throttling. Default `Date.now`. */
+  now?: () => number;
+}
+
+/**
+ * Turns {@link ProgressEvent}s into text on a stream. On a terminal, each
+ * blob gets a bar with bytes received, rate and time left, redrawn at most
+ * every 100 ms and on completion; messages print above the bars.
+ */
 export class ProgressReporter {
   readonly #out: ReporterStream;
   readonly #quiet: boolean;
+  readonly #json: boolean;
   readonly #tty: boolean;
   readonly #blobs = new Map<string, BlobState>();
   #drawnLines = 0;
   #lastDraw = 0;
   readonly #now: () => number;
 
-  constructor(out: ReporterStream, options: { quiet?: boolean; json?: boolean; tty?: boolean; now?: () => number } = {}) {
+  constructor(out: ReporterStream, options: ReporterOptions = {}) {
     this.#out = out;
     this.#quiet = options.quiet === true;
-    this.#tty = options.tty ?? out.isTTY === true;
+    this.#json = options.json === true;
+    this.#tty = !this.#json && (options.tty ?? out.isTTY === true);
     this.#now = options.now ?? (() => Date.now());
   }
 
   /** Render one event. */
   handle(event: ProgressEvent): void {
     if (this.#quiet) return;
+    if (this.#json) {
+      // Per-chunk download events would flood a log; only finished steps are written.
+      if (event.type === "warning" || event.type === "retry" || event.done) this.#out.write(`${JSON.stringify(event)}\n`);
+      return;
+    }
     switch (event.type) {
       case "warning":
         this.#line(`warning: ${event.message}`);
@@ -58,9 +82,11 @@ export class ProgressReporter {
     }
   }
 
-  /** Print a final summary line. */
+  /** Print a final summary line (as `{"type":"done","message":...}` in JSON mode). */
   finish(message: string): void {
-    if (!this.#quiet) this.#line(message);
+    if (this.#quiet) return;
+    if (this.#json) this.#out.write(`${JSON.stringify({ type: "done", message })}\n`);
+    else this.#line(message);
   }
 
   /** Leave the terminal tidy: the last bars stay, the cursor goes below them. */
