@@ -139,6 +139,12 @@ export async function track(image: string | ImageReference, options: PullOptions
  *
  * The name avoids shadowing the global `fetch`; `mod.ts` also exports it as
  * `fetch` for those who import it under a namespace.
+ *
+ * @example
+ * ```ts
+ * const result = await fetchImage("127.0.0.1:5000/base:1.0", { cache: "/var/cache/ocistage" });
+ * console.log(result.digest, result.downloaded);
+ * ```
  */
 export async function fetchImage(image: string | ImageReference, options: FetchOptions = {}): Promise<FetchResult> {
   return await pull(image, options, undefined);
