@@ -11,7 +11,7 @@
  * replace any earlier path), so it was not chosen. The cost is disk space
  * for one unpacked copy of the image in the temporary directory.
  *
- * Because the tree comes from `stage`, the archive holds what `stage` keeps:
+ * Because the tree comes from `stage`, the archive contains what `stage` keeps:
  * device nodes, FIFOs and entries below `dev/` are absent, every file is
  * owner-readable and every directory owner-writable.
  *
@@ -158,7 +158,8 @@ function* walk(root: string): Generator<WalkEntry> {
     const { relative, full } = stack.pop()!;
     const stat = fs.lstatSync(full);
     const isDir = stat.isDirectory();
-    const name = relative === "" ? "./" : isDir ? `${relative}/` : relative;
+    let name = isDir ? `${relative}/` : relative;
+    if (relative === "") name = "./";
     yield { name, full, stat };
     if (!isDir) continue;
     const children = fs.readdirSync(full).sort().reverse();

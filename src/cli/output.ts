@@ -37,7 +37,7 @@ export function formatInspect(result: InspectResult): string {
   return lines.map(([label, value]) => `${label ? `${label}:` : ""}`.padEnd(width) + value).join("\n") + "\n";
 }
 
-/** The image config fields people look for, when present. */
+/** Return the commonly read image config fields that are present, as label and value. */
 function configLines(config: Record<string, unknown>): [string, string][] {
   const lines: [string, string][] = [];
   if (typeof config.created === "string") lines.push(["Created", config.created]);
