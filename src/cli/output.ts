@@ -33,7 +33,8 @@ export function formatInspect(result: InspectResult): string {
   }
   if (result.tags) lines.push(["Tags", result.tags.length > 0 ? result.tags.join(", ") : "none"]);
 
-  const width = Math.max(...lines.map(([label]) => label.length)) + 2;
+  // A fixed column keeps the output stable for scripts that cut it; "Entrypoint:" is the longest label.
+  const width = 12;
   return lines.map(([label, value]) => `${label ? `${label}:` : ""}`.padEnd(width) + value).join("\n") + "\n";
 }
 
