@@ -36,7 +36,7 @@ import { RegistrySource } from "./sources/registry.ts";
 import { LayoutSource } from "./sources/layout.ts";
 import { DockerArchiveSource } from "./sources/archive.ts";
 
-/** Where an image lives, as parsed from a source reference. */
+/** The location of an image, as parsed from a source reference. */
 export type SourceLocation =
   | { kind: "registry"; reference: ImageReference }
   | { kind: "oci"; dir: string; tag?: string }
@@ -44,7 +44,7 @@ export type SourceLocation =
 
 /** Options for reading a blob from an {@link ImageSource}. */
 export interface SourceBlobOptions {
-  /** Continue from `offset`: `hash` has seen the bytes before it and sees every byte after. */
+  /** Continue from `offset`. `hash` has been fed the bytes before it and is fed every byte after. */
   resumeFrom?: { offset: number; hash: Sha256 };
   /** Read from the registry itself, not its mirrors (registry sources only). */
   skipMirrors?: boolean;

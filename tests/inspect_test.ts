@@ -25,7 +25,7 @@ function layer(text: string) {
   return { bytes: gzipBytes(buildTar([{ path: "file", content: text }])), mediaType: LAYER };
 }
 
-/** A registry with "app:multi" (arm64, s390x and an attestation) and "app:single" (amd64). */
+/** Create a registry with "app:multi" (arm64, s390x and an attestation) and "app:single" (amd64). */
 function multiPlatformRegistry() {
   const registry = new MemoryRegistry();
   const arm = registry.pushImage("team/app", undefined, [layer("arm\n")], { platform: { os: "linux", architecture: "arm64", variant: "v8" } });

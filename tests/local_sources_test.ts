@@ -225,7 +225,7 @@ test("archive with several images selects by RepoTag", async () => {
 
   const unnamed = await track(`docker-archive:${file}`).catch((caught) => caught);
   assert.ok(unnamed instanceof ImageNotFoundError);
-  assert.match(unnamed.message, /holds 2 images: name one/);
+  assert.match(unnamed.message, /contains 2 images: name one/);
   const missing = await track(`docker-archive:${file}:app:3`).catch((caught) => caught);
   assert.ok(missing instanceof ImageNotFoundError);
   assert.deepEqual(missing.available, ["app:1", "registry.example/app:1", "app:2"]);

@@ -16,7 +16,7 @@ import { MemoryRegistry } from "./fixtures/registry.ts";
 const A = `sha256:${"a".repeat(64)}`;
 const B = `sha256:${"b".repeat(64)}`;
 
-/** A stream that records writes, with a terminal flag. */
+/** Create a stream that records writes, with a terminal flag. */
 function fakeStream(isTTY: boolean) {
   const writes: string[] = [];
   return { writes, isTTY, columns: 80, write: (text: string) => void writes.push(text) };

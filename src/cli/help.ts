@@ -51,9 +51,9 @@ const SOURCES = `IMAGE is a registry reference such as alpine, alpine:3.20,
   oci:DIR[:TAG]                 an OCI image layout (skopeo, umoci, or
                                 ocistage's cache); TAG is the entry's
                                 org.opencontainers.image.ref.name, needed
-                                when the layout holds several images
+                                when the layout contains several images
   docker-archive:FILE[:NAME]    an uncompressed "docker save" archive; NAME
-                                is one of its RepoTags, needed when it holds
+                                is one of its RepoTags, needed when it contains
                                 several images
 Local images are verified and copied into the cache like downloads.
 ELEMENT is a BuildStream element file (.bst, .yml, .yaml) with "kind: docker"

@@ -133,7 +133,8 @@ function describeError(error: unknown): string {
 async function dispatch(command: Command, operands: string[], flags: Flags, io: CliIo, reporter: ProgressReporter): Promise<number> {
   const wanted = command === "stage" ? 2 : 1;
   if (operands.length !== wanted) {
-    const form = command === "stage" ? "IMAGE|ELEMENT DIR" : command === "key" ? "ELEMENT" : "IMAGE|ELEMENT";
+    const forms: Partial<Record<Command, string>> = { stage: "IMAGE|ELEMENT DIR", key: "ELEMENT" };
+    const form = forms[command] ?? "IMAGE|ELEMENT";
     throw new UsageError(`"${command}" takes ${form}, got ${operands.length} argument(s): see ocistage ${command} --help`);
   }
   checkCommandFlags(command, flags, io);
@@ -291,7 +292,7 @@ async function runSources(
   return 0;
 }
 
-/** The registry reference of a source: its pinned digest, else its track tag. */
+/** Return the registry reference of a source: its pinned digest, else its track tag. */
 function pinnedImage(source: DockerSource, registryUrl: string): string {
   const { image, ref, track } = source.config;
   return formatReference(referenceFromRegistryUrl(registryUrl, image, ref ? `sha256:${ref}` : track));

@@ -6,9 +6,9 @@
  * at their offsets. Two layouts are understood:
  *
  * - legacy (Docker before 25): `manifest.json`, `<config-hex>.json` and
- *   `<layer-id>/layer.tar`. ocistage builds an OCI manifest for the image;
- *   its digest is of that built manifest, so it differs from the digest
- *   the image has on a registry. Layers are verified against the config's
+ *   `<layer-id>/layer.tar`. ocistage builds an OCI manifest for the image.
+ *   The reported digest is that built manifest's, so it differs from the
+ *   digest the image has on a registry. Layers are verified against the config's
  *   `rootfs.diff_ids`, and the config against its file name when that is a
  *   sha256 hex digest.
  * - OCI (Docker 25 and later): an OCI image layout inside the tar, plus the
@@ -53,6 +53,8 @@ interface Member {
 }
 
 const BLOCK = 512;
+/** Tar typeflags of the members the index follows; "7" is a contiguous file, read as a regular one. */
+const MEMBER_TYPES: Record<string, Member["type"]> = { "0": "file", "7": "file", "1": "hardlink", "2": "symlink" };
 const MAX_LINK_HOPS = 16;
 const SHA256_PATH = /(?:^|\/)blobs\/sha256\/([a-f0-9]{64})$/;
 const HEX_NAME = /^([a-f0-9]{64})(?:\.json)?$/;
@@ -168,7 +170,7 @@ export class DockerArchiveSource implements ImageSource {
     if (this.#wanted === undefined) {
       if (entries.length === 1) return entries[0];
       throw new ImageNotFoundError(
-        `"${this.#file}" holds ${entries.length} images: name one, as in "docker-archive:${this.#file}:NAME"; it offers ${quoted}`,
+        `"${this.#file}" contains ${entries.length} images: name one, as in "docker-archive:${this.#file}:NAME"; it offers ${quoted}`,
         this.name,
         tags,
       );
@@ -197,7 +199,7 @@ export class DockerArchiveSource implements ImageSource {
     return { digest: hash.digest(), bytes, path: entry.Config };
   }
 
-  /** In an archive that holds an OCI layout, find the manifest whose config has this digest. */
+  /** In an archive that contains an OCI layout, find the manifest whose config has this digest. */
   async #findInLayout(configDigest: Digest): Promise<LayoutSource | undefined> {
     const files = this.#files();
     if (!files.region("index.json", "index.json") || !files.region("oci-layout", "oci-layout")) return undefined;
@@ -370,7 +372,7 @@ function indexArchive(file: string, source: string): Map<string, Member> {
       const name = pending.path ?? headerName(header);
       const linkname = pending.linkpath ?? cString(header.subarray(157, 257));
       pending = {};
-      const type = typeflag === "0" || typeflag === "7" ? "file" : typeflag === "2" ? "symlink" : typeflag === "1" ? "hardlink" : "other";
+      const type = MEMBER_TYPES[typeflag] ?? "other";
       members.set(normalizeMember(name), { type, offset: body, size, ...(linkname ? { linkname } : {}) });
     }
   } finally {

@@ -46,7 +46,7 @@ export interface LayoutFiles {
   region(relative: string, label: string): FileRegion | undefined;
 }
 
-/** The files of a layout stored in a directory. */
+/** Return the files of a layout stored in a directory. */
 export function directoryFiles(dir: string): LayoutFiles {
   return {
     region(relative, label) {
@@ -148,10 +148,10 @@ export class LayoutSource implements ImageSource {
         );
       }
     } else {
-      if (all.length === 0) throw new ImageNotFoundError(`OCI image layout "${this.name}" holds no images`, this.name, []);
+      if (all.length === 0) throw new ImageNotFoundError(`OCI image layout "${this.name}" contains no images`, this.name, []);
       if (names.length > 1) {
         throw new ImageNotFoundError(
-          `OCI image layout "${this.name}" holds several images: name one, as in "${this.name}:${offered[0]}"; it offers ${
+          `OCI image layout "${this.name}" contains several images: name one, as in "${this.name}:${offered[0]}"; it offers ${
             offered.map((name) => `"${name}"`).join(", ")
           }`,
           this.name,
