@@ -914,3 +914,23 @@ test("each entry type replaces an existing path", async () => {
     assertAbsent(root, "d/inner");
   });
 });
+
+test("owner id out of range is a LayerError", async () => {
+  for (const [field, type] of [["uid", "dir"], ["gid", "dir"], ["uid", "file"], ["uid", "symlink"]] as const) {
+    const workspace = createWorkspace();
+    try {
+      const entry: TarEntrySpec = { path: "x", type, linkname: type === "symlink" ? "t" : undefined, pax: { [field]: "102438405362" } };
+      let caught: unknown;
+      try {
+        await applyEntries(workspace.root, [[entry]], { owners: true });
+      } catch (error) {
+        caught = error;
+      }
+      assert.ok(caught instanceof LayerError, `${field} of a ${type}: expected LayerError, got ${caught}`);
+      assert.match(caught.message, new RegExp(`${field} 102438405362`));
+      assert.equal(caught.entry, "x");
+    } finally {
+      workspace.cleanup();
+    }
+  }
+});

@@ -44,7 +44,8 @@
  * - Times: mtimes kept for files, directories and symlinks (`lutimes`).
  *   atime is set to the mtime.
  * - Owners: applied only when `owners` is true, by default when running as
- *   root (uid 0). Otherwise files belong to the calling user.
+ *   root (uid 0). Otherwise files belong to the calling user. With owners
+ *   on, a uid or gid above 4294967294 is an error naming the entry.
  * - xattrs (PAX `SCHILY.xattr.*`, `LIBARCHIVE.xattr.*`): not applied, because
  *   no runtime has an API for them. Counted in a warning.
  * - Data after the tar end marker: read to the end, so a verifying stream
@@ -382,6 +383,20 @@ class RootTree {
   }
 }
 
+/** Largest uid and gid that chown applies. `0xffffffff` is -1 to chown, which means "leave unchanged". */
+const MAX_ID = 0xffff_fffe;
+
+/** Rejects a uid or gid that chown cannot apply, before anything of the entry is written. */
+function checkOwner(header: TarHeader): void {
+  for (const [field, id] of [["uid", header.uid], ["gid", header.gid]] as const) {
+    if (id <= MAX_ID) continue;
+    throw new LayerError(
+      `tar entry ${quoteName(header.name)} has ${field} ${id}, above the Linux maximum of ${MAX_ID}: rebuild the layer with smaller ids, or stage with owners off`,
+      { entry: header.name },
+    );
+  }
+}
+
 function depth(path: string): number {
   let count = 0;
   for (let i = 0; i < path.length; i++) if (path.charCodeAt(i) === 0x2f) count++;
@@ -517,6 +532,7 @@ class LayerWriter implements TarHandler {
       return;
     }
 
+    if (this.#tree.owners) checkOwner(header);
     const parent = this.#tree.resolveDirectory(parts.slice(0, -1), "create", header.name)!;
     const path = parent === "" ? base : `${parent}/${base}`;
     switch (header.type) {
