@@ -3,12 +3,13 @@
  * archives (`docker-archive:FILE[:NAME]`), built by hand, read through
  * track, fetch and stage.
  */
-import { test } from "node:test";
+import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { gzipBytes } from "./fixtures/tar.ts";
+import { buildTar, gzipBytes } from "./fixtures/tar.ts";
+import { type Distribution, digestOf, MEDIA, pushImage, run, skipUnlessPrograms, startDistribution } from "./fixtures/distribution.ts";
 import { richImageLayers } from "./fixtures/images.ts";
 import { diffTrees, snapshotTree } from "./fixtures/tree.ts";
 import { MemoryRegistry } from "./fixtures/registry.ts";
@@ -177,7 +178,7 @@ test("stage() rejects a layout blob of the wrong size before reading it", async 
 
 test("ocistage's own cache is a layout that stage() reads", async () => {
   const registry = new MemoryRegistry();
-  const tar = (await import("./fixtures/tar.ts")).buildTar([{ path: "hello", content: "from the registry\n" }]);
+  const tar = buildTar([{ path: "hello", content: "from the registry\n" }]);
   registry.pushImage("team/app", "1.0", [{ bytes: gzipBytes(tar), mediaType: "application/vnd.oci.image.layer.v1.tar+gzip" }]);
   const cache = tempDir("own-cache");
   const client = new RegistryClient({ fetch: registry.fetch });
@@ -271,4 +272,41 @@ test("listTags() returns layout names and archive RepoTags", async () => {
   assert.deepEqual(await layout.listTags(), ["1.0", "2.0"]);
   const archive = openImageSource(`docker-archive:${work}/a.tar`);
   assert.deepEqual(await archive.listTags(), ["app:1", "app:latest"]);
+});
+
+const skipTools = skipUnlessPrograms("docker-registry", "skopeo");
+
+describe("layouts and archives written by skopeo", { skip: skipTools }, () => {
+  let registry: Distribution;
+  before(async () => {
+    registry = await startDistribution();
+  });
+  after(async () => await registry?.close());
+
+  test("stage() reads skopeo's oci and docker-archive output", async () => {
+    const work = tempDir("skopeo");
+    const layers = richImageLayers().map((entries) => {
+      const tar = buildTar(entries);
+      return { bytes: gzipBytes(tar), mediaType: MEDIA.ociLayerGzip, diffId: digestOf(tar) };
+    });
+    const pushed = await pushImage(registry.url, "rich/skopeo", "v1", layers, { diffIds: layers.map((layer) => layer.diffId) });
+    const reference = `${registry.host}/rich/skopeo:v1`;
+    run("skopeo", ["copy", "--src-tls-verify=false", `docker://${reference}`, `oci:${work}/layout:v1`]);
+    run("skopeo", ["copy", "--src-tls-verify=false", `docker://${reference}`, `docker-archive:${work}/image.tar:rich/skopeo:v1`]);
+
+    const fromRegistry = await stageInto(reference, path.join(work, "cache-registry"));
+    const fromLayout = await stageInto(`oci:${work}/layout:v1`, path.join(work, "cache-layout"));
+    const fromArchive = await stageInto(`docker-archive:${work}/image.tar:rich/skopeo:v1`, path.join(work, "cache-archive"));
+
+    // Each stage gives the root directory the time it ran, so the root is left out.
+    const snapshotBelowRoot = (dir: string) => {
+      const tree = snapshotTree(dir);
+      tree.delete("");
+      return tree;
+    };
+    const expected = snapshotBelowRoot(fromRegistry);
+    assert.deepEqual(diffTrees(expected, snapshotBelowRoot(fromLayout)), []);
+    assert.deepEqual(diffTrees(expected, snapshotBelowRoot(fromArchive)), []);
+    assert.equal((await track(`oci:${work}/layout:v1`)).digest, pushed.digest, "skopeo keeps the manifest");
+  });
 });

@@ -53,8 +53,8 @@ const SOURCES = `IMAGE is a registry reference such as alpine, alpine:3.20,
                                 org.opencontainers.image.ref.name, needed
                                 when the layout contains several images
   docker-archive:FILE[:NAME]    an uncompressed "docker save" archive; NAME
-                                is one of its RepoTags, needed when it contains
-                                several images
+                                is one of its RepoTags, needed when the
+                                archive contains several images
 Local images are verified and copied into the cache like downloads.
 ELEMENT is a BuildStream element file (.bst, .yml, .yaml) with "kind: docker"
 sources.
