@@ -7,11 +7,11 @@
  * `[::1]`, which use HTTP. A path is a namespace: repository `library/alpine`
  * of a mirror at `mirror.example/hub` is `hub/library/alpine` there.
  *
- * Only requests by digest go to mirrors (manifests by digest and blobs), the
- * default of containers-registries.conf(5)'s `mirror-by-digest-only`,
- * because a digest lets the client check what a mirror returns while a tag
- * on a mirror may point at stale or different content. Tags are always
- * resolved at the registry itself.
+ * Only requests by digest go to mirrors (manifests by digest and blobs), as
+ * with `mirror-by-digest-only` in containers-registries.conf(5). A digest
+ * lets the client check what a mirror returns, but a tag on a mirror may
+ * point at stale or different content, so tags are always resolved at the
+ * registry itself.
  *
  * A mirrors file is YAML (JSON is valid YAML too):
  *
@@ -102,10 +102,10 @@ export function mirrorRegistryKey(registry: string): string {
  */
 export function mirrorsFor(mirrors: MirrorMap | undefined, registry: string): Mirror[] {
   if (!mirrors) return [];
-  const wanted = mirrorRegistryKey(registry);
+  const registryKey = mirrorRegistryKey(registry);
   const found: Mirror[] = [];
   for (const [key, locations] of Object.entries(mirrors)) {
-    if (mirrorRegistryKey(key) === wanted) found.push(...locations.map(parseMirror));
+    if (mirrorRegistryKey(key) === registryKey) found.push(...locations.map(parseMirror));
   }
   return found;
 }

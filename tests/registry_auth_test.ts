@@ -38,15 +38,15 @@ function tempDir(prefix: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
 }
 
-/** A gzip layer with one file whose content names the repository. */
+/** Build a gzip layer with one file whose content names the repository. */
 function layerFor(repository: string) {
   const tar = buildTar([{ path: "etc/origin", content: `${repository}\n` }]);
   return { bytes: gzipBytes(tar), mediaType: MEDIA.ociLayerGzip, diffId: digestOf(tar) };
 }
 
 /**
- * Environment for a CLI child that sees no credentials of the machine it
- * runs on: an empty docker config directory and empty OCISTAGE_* variables.
+ * Return an environment in which a CLI child finds none of the machine's
+ * credentials: an empty docker config directory and empty OCISTAGE_* variables.
  */
 function isolatedEnv(home: string, extra: Record<string, string> = {}): Record<string, string> {
   const docker = path.join(home, "docker-empty");
@@ -70,7 +70,7 @@ function assertNoSecrets(run: CliRun, secrets: string[]): void {
   }
 }
 
-/** Write an executable docker-credential-NAME into `dir` that answers for one server. */
+/** Write an executable docker-credential-NAME into `dir` that returns credentials for one server only. */
 function writeCredentialHelper(dir: string, name: string, server: string): void {
   const file = path.join(dir, `docker-credential-${name}`);
   fs.writeFileSync(
