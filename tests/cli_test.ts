@@ -193,6 +193,20 @@ describe("element files", () => {
     ]);
   });
 
+  test("export and inspect read an element's pinned image", async () => {
+    const file = element(`- kind: docker\n  registry-url: ${server.url}\n  image: team/base\n  ref: ${base.slice(7)}\n  architecture: amd64\n  os: linux\n`);
+    const work = tempDir("cli-element-export");
+    const archive = path.join(work, "rootfs.tar");
+    const exported = await cli(["export", file, "-o", archive, "--cache", path.join(work, "cache")]);
+    assert.equal(exported.code, 0, exported.stderr);
+    assert.equal(run("tar", ["-xOf", archive, "name"]), "base\n");
+
+    const inspected = await cli(["inspect", file]);
+    assert.equal(inspected.code, 0, inspected.stderr);
+    assert.match(inspected.stdout, new RegExp(`^Image: +${server.host}/team/base@${base}$`, "m"));
+    assert.match(inspected.stdout, /^Platform: +linux\/amd64$/m, "the element's os and architecture are used");
+  });
+
   test("key without a ref names the file, line and key", async () => {
     const file = element(`- kind: docker\n  registry-url: ${server.url}\n  image: team/base\n  track: "1.0"\n`);
     const result = await cli(["key", file]);
