@@ -112,7 +112,7 @@ export class TargetNotEmptyError extends Error {
   }
 }
 
-/** A local image source (OCI layout, docker archive) that has no image under the requested name. */
+/** An image source that has no image under the requested name or tag, with the names it does offer. */
 export class ImageNotFoundError extends Error {
   override name = "ImageNotFoundError";
   /** The source as written, such as `oci:./layout:1.0`. */

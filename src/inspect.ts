@@ -7,7 +7,9 @@
  * @module
  */
 import type { Digest } from "./digest.ts";
-import { ManifestError, PlatformNotFoundError } from "./errors.ts";
+import { ImageNotFoundError, ManifestError, PlatformNotFoundError } from "./errors.ts";
+import { RegistryError } from "./registry/errors.ts";
+import type { FetchedManifest } from "./registry/client.ts";
 import { type Descriptor, type ImageIndex, type ImageManifest, isImageIndex } from "./manifest.ts";
 import { formatPlatform, hostPlatform, type ImageReference, parsePlatform, type Platform } from "./reference.ts";
 import { type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
@@ -68,11 +70,12 @@ export interface InspectResult {
  * ```
  *
  * @throws {PlatformNotFoundError} when `options.platform` is not offered.
+ * @throws {ImageNotFoundError} when the registry has no such tag, listing the tags it has.
  */
 export async function inspect(image: string | ImageReference, options: InspectOptions = {}): Promise<InspectResult> {
   const source = sourceFor(image, options);
   try {
-    const top = await source.top();
+    const top = await topOrTags(source);
     const result: InspectResult = {
       source: source.name,
       reference: source.reference,
@@ -141,6 +144,32 @@ export async function listTags(image: string | ImageReference, options: PullOpti
 function sourceFor(image: string | ImageReference, options: PullOptions): ImageSource {
   if (isLocalSource(image)) return openImageSource(image, { hasher: options.hasher });
   return openImageSource(image, { client: clientFor(options) });
+}
+
+const MAX_LISTED_TAGS = 20;
+
+/**
+ * Read the top-level document. When a registry has no such tag, fail with
+ * an {@link ImageNotFoundError} that lists the tags the repository has.
+ */
+async function topOrTags(source: ImageSource): Promise<FetchedManifest> {
+  try {
+    return await source.top();
+  } catch (error) {
+    const reference = source.reference;
+    if (!(error instanceof RegistryError) || error.status !== 404 || !reference?.tag || reference.digest) throw error;
+    let tags: string[];
+    try {
+      tags = await source.listTags();
+    } catch {
+      // The repository itself is unknown or unlisted, so the original error says more.
+      throw error;
+    }
+    const shown = tags.slice(0, MAX_LISTED_TAGS).map((tag) => `"${tag}"`).join(", ");
+    const more = tags.length > MAX_LISTED_TAGS ? ` and ${tags.length - MAX_LISTED_TAGS} more` : "";
+    const offer = tags.length > 0 ? `the repository has tags ${shown}${more}; pass one of them` : "the repository has no tags";
+    throw new ImageNotFoundError(`tag "${reference.tag}" not found in "${source.name}": ${offer}`, source.name, tags, { cause: error });
+  }
 }
 
 function offeredPlatforms(index: ImageIndex): OfferedPlatform[] {

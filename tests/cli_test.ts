@@ -265,7 +265,8 @@ describe("CLI process against the distribution registry", { skip }, () => {
 
     const missing = await runCliProcess(["inspect", `${registry.host}/team/tagged:2.0`]);
     assert.equal(missing.code, 1);
-    assert.match(missing.stderr, /tag "2\.0" not found .*ocistage inspect lists the repository's tags/);
+    assert.match(missing.stderr, /tag "2\.0" not found in ".*team\/tagged:2\.0": the repository has tags .*"1\.1".*; pass one of them/);
+    assert.match(missing.stderr, /caused by: manifest unknown/);
 
     const usage = await runCliProcess(["inspect"]);
     assert.equal(usage.code, 2);

@@ -9,7 +9,8 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { inspect, listTags } from "../src/inspect.ts";
 import { formatInspect } from "../src/cli/output.ts";
-import { PlatformNotFoundError } from "../src/errors.ts";
+import { ImageNotFoundError, PlatformNotFoundError } from "../src/errors.ts";
+import type { RegistryError } from "../src/registry/errors.ts";
 import { RegistryClient } from "../src/registry/client.ts";
 import { buildTar, gzipBytes } from "./fixtures/tar.ts";
 import { MemoryRegistry } from "./fixtures/registry.ts";
@@ -89,6 +90,15 @@ test("inspect() of a single manifest reports the config's platform", async () =>
   }]);
   assert.equal(result.manifest?.document.layers.length, 2);
   assert.deepEqual(result.tags, ["multi", "single"]);
+});
+
+test("inspect() of a missing tag lists the tags there are", async () => {
+  const { client } = multiPlatformRegistry();
+  const error = await inspect("reg.example/team/app:nope", { client }).catch((caught) => caught);
+  assert.ok(error instanceof ImageNotFoundError, String(error));
+  assert.deepEqual(error.available, ["multi", "single"]);
+  assert.equal(error.message, 'tag "nope" not found in "reg.example/team/app:nope": the repository has tags "multi", "single"; pass one of them');
+  assert.equal((error.cause as RegistryError).status, 404);
 });
 
 test("listTags() returns the repository's tags", async () => {
