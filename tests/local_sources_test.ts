@@ -147,6 +147,7 @@ test("a directory that is not a layout is named in the error", async () => {
     assert.match(error.message, /is not an OCI image layout: it has no oci-layout file/);
     return true;
   });
+  await assert.rejects(track(`oci:${work}/missing`), /OCI image layout directory ".*missing" does not exist: check the path/);
 });
 
 test("stage() rejects a corrupt layer blob in a layout", async () => {

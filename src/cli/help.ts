@@ -136,7 +136,8 @@ Show what the reference names (an index or a manifest) with its digest, the
 platforms an index offers, and for one platform (--platform, default this
 host's when offered) the manifest, the layers with their sizes in bytes as
 stored, and the config: created time, entrypoint, command, environment,
-working directory, user and labels. Nothing is stored in the cache.
+working directory, user and labels. Nothing is stored in the cache. A tag
+that the registry does not have is reported with the tags it does have.
 
   --tags                        also list the tags: the repository's tags on
                                 a registry, ref names in an OCI layout,

@@ -44,11 +44,14 @@ const MAX_INDEX_DEPTH = 3;
 export interface LayoutFiles {
   /** Return the region of the file at `relative` (a `/`-separated path), or undefined when it is missing. */
   region(relative: string, label: string): FileRegion | undefined;
+  /** The directory the files are in, when they are in one. */
+  dir?: string;
 }
 
 /** Return the files of a layout stored in a directory. */
 export function directoryFiles(dir: string): LayoutFiles {
   return {
+    dir,
     region(relative, label) {
       const file = path.join(dir, ...relative.split("/"));
       let stat: fs.Stats;
@@ -101,6 +104,10 @@ export class LayoutSource implements ImageSource {
    */
   readIndex(): ImageIndex {
     const label = `${this.name}`;
+    const dir = this.#files.dir;
+    if (dir !== undefined && !fs.existsSync(dir)) {
+      throw new ManifestError(`OCI image layout directory "${dir}" does not exist: check the path after "oci:"`, label);
+    }
     if (!this.#files.region("oci-layout", "oci-layout")) {
       throw new ManifestError(
         `"${label}" is not an OCI image layout: it has no oci-layout file; pass a directory written by skopeo, umoci or ocistage`,
