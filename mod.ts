@@ -52,6 +52,16 @@ export type { ImageReference, Platform } from "./src/reference.ts";
 export { RegistryClient } from "./src/registry/client.ts";
 export type { RegistryClientOptions } from "./src/registry/client.ts";
 export { ForeignLayerError, RegistryError } from "./src/registry/errors.ts";
+export {
+  chainCredentials,
+  credentialsExcept,
+  dockerConfigCredentials,
+  environmentCredentials,
+  staticCredentials,
+} from "./src/registry/auth.ts";
+export type { CredentialResolver, Credentials } from "./src/registry/auth.ts";
+export { parseMirrorsFile } from "./src/mirrors.ts";
+export type { MirrorMap } from "./src/mirrors.ts";
 export { LayerApplier } from "./src/layer/apply.ts";
 export { DockerSource } from "./src/source.ts";
 export type { DockerSourceOptions } from "./src/source.ts";
