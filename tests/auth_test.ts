@@ -443,3 +443,73 @@ test("parseWwwAuthenticate() keeps a __proto__ parameter", () => {
   assert.equal(Object.getPrototypeOf(challenge.params), Object.prototype);
   assert.equal(challenge.params.realm, "r");
 });
+
+test("RegistryClient reports insufficient_scope", async () => {
+  const auth: AuthMode = {
+    type: "bearer",
+    username: "ci",
+    password: "s3cret",
+    grantedRepositories: ["team/app"],
+  };
+  const { registry, client, ref, tokenRequests } = bearerSetup(auth, {
+    username: "ci",
+    password: "s3cret",
+  });
+  registry.pushImage("team/secret", "1.0", []);
+
+  await client.getManifest(ref);
+  await assert.rejects(
+    client.getManifest({ ...ref, repository: "team/secret" }),
+    (error: unknown) => {
+      assert.ok(error instanceof RegistryError);
+      assert.equal(error.status, 401);
+      assert.match(error.message, /access denied \(insufficient_scope\)/);
+      assert.match(error.message, /"team\/secret"/);
+      assert.match(error.message, /that the account may pull "team\/secret"/);
+      assert.doesNotMatch(error.message, /s3cret/);
+      return true;
+    },
+  );
+
+  // The second repository's token requests ask for its own scope only.
+  const secretRequests = tokenRequests().slice(1).map((entry) => entry.path);
+  assert.equal(secretRequests.length, 2, "one token before the request, one refresh after 401");
+  for (const path of secretRequests) {
+    assert.match(path, /scope=repository%3Ateam%2Fsecret%3Apull/);
+    assert.doesNotMatch(path, /team%2Fapp/);
+  }
+  const challenges = registry.log.filter((entry) => entry.path.includes("team/secret"));
+  assert.equal(challenges.length, 2, "the refreshed token is rejected too, then the client stops");
+});
+
+test("RegistryClient answers bearer after an unknown scheme", async () => {
+  const seen: string[] = [];
+  let tokenUrl: URL | undefined;
+  const fetchImpl: typeof fetch = (input, init) => {
+    const request = new Request(input, init);
+    const url = new URL(request.url);
+    seen.push(`${url.pathname} ${request.headers.get("authorization") ?? "-"}`);
+    if (url.pathname === "/auth") {
+      tokenUrl = url;
+      return Promise.resolve(Response.json({ token: "t-9" }));
+    }
+    if (request.headers.get("authorization") === "Bearer t-9") {
+      return Promise.resolve(Response.json({ name: "app", tags: ["1"] }));
+    }
+    const challenge = 'Custom realm="a, b", Bearer realm="https://reg.example/auth",' +
+      'service="reg \\"main\\"",scope="repository:app:pull"';
+    return Promise.resolve(
+      new Response(null, { status: 401, headers: { "www-authenticate": challenge } }),
+    );
+  };
+  const client = new RegistryClient({ fetch: fetchImpl });
+
+  assert.deepEqual(await client.listTags({ registry: "reg.example", repository: "app" }), ["1"]);
+  assert.deepEqual(seen, [
+    "/v2/app/tags/list -",
+    "/auth -",
+    "/v2/app/tags/list Bearer t-9",
+  ]);
+  assert.equal(tokenUrl?.searchParams.get("service"), 'reg "main"');
+  assert.deepEqual(tokenUrl?.searchParams.getAll("scope"), ["repository:app:pull"]);
+});

@@ -838,3 +838,75 @@ test("RegistryClient times out waiting for headers", async () => {
   );
   assert.equal(calls, 2);
 });
+
+/** Return a body that never ends and a count of the bytes pulled from it. */
+function endlessBody(): { body: ReadableStream<Uint8Array>; pulled: () => number } {
+  let pulled = 0;
+  const chunk = new Uint8Array(64 * 1024).fill(0x7b);
+  const body = new ReadableStream<Uint8Array>({
+    pull(controller) {
+      pulled += chunk.byteLength;
+      controller.enqueue(chunk.slice());
+    },
+  }, { highWaterMark: 0 });
+  return { body, pulled: () => pulled };
+}
+
+test("getManifest() caps endless bodies", async () => {
+  const endless = endlessBody();
+  const client = new RegistryClient({
+    fetch: () =>
+      Promise.resolve(
+        new Response(endless.body, { headers: { "content-type": MediaType.ociManifest } }),
+      ),
+  });
+  await assert.rejects(
+    client.getManifest({ registry: "reg.example", repository: "app", tag: "1" }),
+    RangeError,
+  );
+  assert.ok(endless.pulled() <= 5 * 1024 * 1024, `read ${endless.pulled()} bytes`);
+
+  const declared = new RegistryClient({
+    fetch: () =>
+      Promise.resolve(
+        new Response("{}", { headers: { "content-length": String(64 * 1024 * 1024) } }),
+      ),
+  });
+  await assert.rejects(
+    declared.getManifest({ registry: "reg.example", repository: "app", tag: "1" }),
+    /more than the limit of 4194304/,
+  );
+});
+
+test("RegistryClient caps endless token bodies", async () => {
+  const endless = endlessBody();
+  const client = new RegistryClient({
+    fetch: (input) => {
+      const url = new URL(new Request(input).url);
+      if (url.pathname === "/token") return Promise.resolve(new Response(endless.body));
+      return Promise.resolve(
+        new Response(null, {
+          status: 401,
+          headers: { "www-authenticate": 'Bearer realm="https://reg.example/token"' },
+        }),
+      );
+    },
+  });
+  await assert.rejects(
+    client.getManifest({ registry: "reg.example", repository: "app", tag: "1" }),
+    /longer than the limit of 1048576 bytes/,
+  );
+  assert.ok(endless.pulled() <= 2 * 1024 * 1024, `read ${endless.pulled()} bytes`);
+});
+
+test("errorFromResponse() reads 64 KiB of an endless body", async () => {
+  const endless = endlessBody();
+  const error = await errorFromResponse(
+    new Response(endless.body, { status: 500 }),
+    "GET",
+    "https://reg.example/v2/app/manifests/1",
+  );
+  assert.equal(error.status, 500);
+  assert.equal(error.retryable, true);
+  assert.ok(endless.pulled() <= 128 * 1024, `read ${endless.pulled()} bytes`);
+});

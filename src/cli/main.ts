@@ -311,8 +311,10 @@ async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter):
   if (flags.cache !== undefined) options.cache = flags.cache;
   if (flags["plain-http"]) options.plainHttp = true;
   if (flags["allow-foreign-urls"]) options.allowForeignUrls = true;
+
   const mirrors = mirrorOptions(flags, io);
   if (mirrors) options.mirrors = mirrors;
+
   if (flags.concurrency !== undefined) {
     const value = Number(flags.concurrency);
     if (!Number.isInteger(value) || value < 1 || value > 64) {
@@ -335,12 +337,13 @@ async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter):
     }
     const password = await readAll(io.stdin);
     const username = flags.username;
-    // Flag and environment credentials name no host, so mirrors never get them;
-    // docker's config.json still serves mirrors and foreign hosts by their own name.
-    const notMirrors = mirrorHosts(options.mirrors);
+
+    // Flag and environment credentials name no host, so mirrors never get them.
+    // Docker's config.json still serves mirrors and other hosts by their own name.
+    const mirrorHostNames = mirrorHosts(options.mirrors);
     options.credentials = chainCredentials(
-      credentialsExcept(notMirrors, () => Promise.resolve({ username, password })),
-      credentialsExcept(notMirrors, environmentCredentials(io.env ?? globalThis.process?.env)),
+      credentialsExcept(mirrorHostNames, () => Promise.resolve({ username, password })),
+      credentialsExcept(mirrorHostNames, environmentCredentials(io.env ?? globalThis.process?.env)),
       dockerConfigCredentials({ env: io.env ?? globalThis.process?.env }),
     );
   }

@@ -195,7 +195,7 @@ export function staticCredentials(credentials: Credentials): CredentialResolver 
 }
 
 /**
- * Return a resolver that asks `resolver` for every registry except `hosts`,
+ * Return a resolver that calls `resolver` for every registry except `hosts`,
  * for which it returns nothing. Use it to keep credentials that are not tied
  * to a host (flags, environment) away from mirrors.
  */
@@ -612,7 +612,7 @@ export class RegistryAuth {
   }
 }
 
-/** Pick the challenge to answer: bearer with a realm first, else basic; other schemes are skipped. */
+/** Select the challenge to reply to: bearer with a realm first, else basic. Other schemes are skipped. */
 function supportedChallenge(header: string | null): Challenge | undefined {
   const challenges = parseWwwAuthenticate(header ?? "");
   return challenges.find((c) => c.scheme === "bearer" && c.params.realm) ??
