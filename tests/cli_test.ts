@@ -69,6 +69,7 @@ describe("usage errors exit with 2", () => {
     ["bad concurrency", ["fetch", "alpine", "--concurrency", "0"], /invalid --concurrency "0": pass a whole number from 1 to 64/],
     ["bad reference", ["track", "Not A Reference"], /Not A Reference/],
     ["export to a terminal", ["export", "alpine"], /standard output is a terminal: pass -o FILE/],
+    ["export -o - to a terminal", ["export", "alpine", "-o", "-"], /standard output is a terminal: pass -o FILE/],
   ];
   for (const [name, args, message] of cases) {
     test(`runCli() ${name}`, async () => {

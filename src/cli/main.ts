@@ -169,7 +169,8 @@ function checkCommandFlags(command: Command, flags: Flags, io: CliIo): void {
     throw new UsageError(`-o/--output applies to export only; "${command}" writes to standard output`);
   }
   if (flags.tags && command !== "inspect") throw new UsageError(`--tags applies to inspect only, not to "${command}"`);
-  if (command === "export" && flags.output === undefined && io.stdout.isTTY) {
+  const toStdout = flags.output === undefined || flags.output === "-";
+  if (command === "export" && toStdout && io.stdout.isTTY) {
     throw new UsageError("export writes a tar archive, and standard output is a terminal: pass -o FILE or redirect it, as in > rootfs.tar");
   }
 }
