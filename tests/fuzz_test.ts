@@ -12,6 +12,11 @@
  *
  * `OCISTAGE_FUZZ_ITERATIONS` sets the applier's iteration count, and the
  * parser tests scale with it.
+ *
+ * Deno's and Bun's test runners fail a test on an unhandled promise
+ * rejection themselves, before a `process` listener sees it, so such a
+ * failure names the seed but not the iteration: lower
+ * `OCISTAGE_FUZZ_ITERATIONS` to find it.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -19,7 +24,6 @@ import { createHash } from "node:crypto";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import process from "node:process";
 
 import { createVerifyStream, type Digest } from "../src/digest.ts";
 import { DigestMismatchError, LayerError } from "../src/errors.ts";
@@ -289,6 +293,16 @@ function fixChecksum(data: Uint8Array, at: number): void {
   data[at + 154] = 0;
 }
 
+/** Reads an octal field, or returns 0 when it is not plain octal. */
+function octalField(data: Uint8Array, at: number, length: number): number {
+  let value = 0;
+  for (let i = at; i < at + length && data[i] !== 0 && data[i] !== 0x20; i++) {
+    if (data[i] < 0x30 || data[i] > 0x37) return 0;
+    value = value * 8 + data[i] - 0x30;
+  }
+  return value;
+}
+
 function writeField(data: Uint8Array, at: number, length: number, value: Uint8Array): void {
   data.fill(0, at, at + length);
   data.set(value.subarray(0, length), at);
@@ -395,6 +409,14 @@ const MUTATIONS: Record<string, Mutation> = {
   truncate(rng, data) {
     const cut = rng.chance(0.5) ? rng.int(data.length + 1) : rng.int(Math.floor(data.length / BLOCK) + 1) * BLOCK;
     return [data.slice(0, cut), `truncate to ${cut}`];
+  },
+
+  truncateInBody(rng, data) {
+    const files = headerOffsets(data).filter((at) => data[at + 156] === 0x30 && octalField(data, at + 124, 12) > 0);
+    if (files.length === 0) return [data.slice(0, rng.int(data.length + 1)), "truncate (no file body)"];
+    const at = rng.pick(files);
+    const cut = Math.min(data.length, at + BLOCK + rng.int(octalField(data, at + 124, 12)));
+    return [data.slice(0, cut), `truncate to ${cut}, inside the body of the entry at ${at}`];
   },
 
   spliceBlocks(rng, data, others) {
@@ -646,7 +668,7 @@ async function applierIteration(
   const layerCount = rng.chance(0.35) ? 2 : 1;
   const layers: Uint8Array[] = [];
   for (let k = 0; k < layerCount; k++) {
-    // The hostile layer gets about a third of the picks, because escapes are the main risk.
+    // At least 30 percent of the picks are the hostile layer, because escapes are the main risk.
     const chosen = rng.chance(0.3) ? seeds[seeds.length - 1] : rng.pick(seeds);
     log.push(`layer ${k}: ${chosen.name}`);
     const pristine = k === 0 && layerCount === 2 && rng.chance(0.5);
@@ -654,7 +676,8 @@ async function applierIteration(
   }
 
   const before = outsideState(workspace);
-  const applier = new LayerApplier(workspace.root);
+  // Owners stay at their default (applied when running as root) or are turned off.
+  const applier = new LayerApplier(workspace.root, { owners: rng.chance(0.2) ? false : undefined });
   let caught: unknown;
   let wrongDigest = false;
   try {
@@ -717,19 +740,12 @@ test(`LayerApplier fuzz, seed ${formatSeed(applierSettings.seed)}`, { timeout: T
       iteration + 1
     })`;
 
-  let current = 0;
-  const unhandled: string[] = [];
-  const onUnhandled = (reason: unknown) => {
-    unhandled.push(`${where(current)} or the iteration before: unhandled rejection ${describeError(reason)}`);
-  };
-  process.on("unhandledRejection", onUnhandled);
-
   const descriptorsBefore = openFileDescriptors();
   const outcomes = { applied: 0, LayerError: 0, DigestMismatchError: 0 };
   let workspace: Workspace | undefined;
   const trash = fs.mkdtempSync(path.join(os.tmpdir(), "ocistage-trash-"));
   try {
-    for (; current < iterations; current++) {
+    for (let current = 0; current < iterations; current++) {
       if (current % WORKSPACE_REUSE === 0) {
         workspace?.cleanup();
         emptyDirectory(trash);
@@ -747,14 +763,9 @@ test(`LayerApplier fuzz, seed ${formatSeed(applierSettings.seed)}`, { timeout: T
       } catch (error) {
         assert.fail(`${where(current)}: the root could not be replaced after the iteration: ${describeError(error)}`);
       }
-      assert.deepEqual(unhandled, []);
       outcomes[result.outcome]++;
     }
-    // Lets a rejection from the last iteration surface.
-    await new Promise((resolve) => setTimeout(resolve, 10));
-    assert.deepEqual(unhandled, []);
   } finally {
-    process.off("unhandledRejection", onUnhandled);
     workspace?.cleanup();
     fs.rmSync(trash, { recursive: true, force: true });
   }
@@ -766,9 +777,9 @@ test(`LayerApplier fuzz, seed ${formatSeed(applierSettings.seed)}`, { timeout: T
 
   const descriptorsAfter = openFileDescriptors();
   if (descriptorsBefore !== undefined && descriptorsAfter !== undefined) {
-    // A small slack for descriptors the runtime opens lazily (zlib, timers).
+    // A small slack for descriptors that the runtime or an earlier test may open meanwhile.
     assert.ok(
-      descriptorsAfter - descriptorsBefore < 16,
+      descriptorsAfter - descriptorsBefore <= 3,
       `open file descriptors grew from ${descriptorsBefore} to ${descriptorsAfter} over ${iterations} iterations`,
     );
   }
