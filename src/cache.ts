@@ -5,11 +5,13 @@
  *
  * Writes go to a file under `ingest/` and are renamed into `blobs/` only
  * after the size and digest checks pass, so a crash never leaves a partial
- * blob under its final name. A download interrupted by a crash leaves
- * `ingest/<hex>.partial`, which the next fetch of that blob resumes. Several
- * processes may share one cache: the first to take `ingest/<hex>.lock`
- * resumes the partial file, the others download into private files, and
- * whoever finishes first renames; the content is identical either way.
+ * blob under its final name. Every download writes its own file,
+ * `ingest/<hex>.<pid>.<random>.partial`, so two processes never write one
+ * file. A download that fails, or whose process is killed, leaves that file
+ * behind; the next fetch of the blob claims it by renaming it to a name of
+ * its own (only one claimant's rename succeeds) and resumes from its end. A
+ * file is claimable when its process is gone, or when it belongs to this
+ * process and no download in it is using the file.
  *
  * @module
  */
@@ -166,7 +168,7 @@ export class BlobCache {
     hash.update(bytes);
     checkContent({ digest: descriptor.digest, size: descriptor.size, label: "blob" }, bytes.byteLength, hash.digest());
     if (this.has(descriptor.digest, descriptor.size)) return;
-    const temp = this.#privateTemp(descriptor.digest);
+    const temp = this.#partialName(descriptor.digest);
     fs.writeFileSync(temp, bytes);
     fs.renameSync(temp, this.blobPath(descriptor.digest));
   }
@@ -184,13 +186,12 @@ export class BlobCache {
     const { digest, size } = descriptor;
     if (this.has(digest, size)) return false;
 
-    const hex = parseDigest(digest).slice("sha256:".length);
-    const lock = path.join(this.dir, "ingest", `${hex}.lock`);
-    const owned = tryLock(lock);
-    const target = owned ? path.join(this.dir, "ingest", `${hex}.partial`) : this.#privateTemp(digest);
+    const target = this.#partialName(digest);
+    filesInUse.add(target);
     try {
       const hash = await createSha256(this.#hasher);
-      let offset = owned ? this.#rehashPartial(target, hash, size) : 0;
+      const claimed = this.#claimPartial(digest, target);
+      let offset = claimed ? this.#rehashPartial(target, hash, size) : 0;
       const stream = await produce({ offset, hash });
       const handle = fs.openSync(target, offset > 0 ? "a" : "w");
       try {
@@ -210,21 +211,61 @@ export class BlobCache {
         fs.closeSync(handle);
       }
       if (offset !== size) {
-        throw new DigestMismatchError(
-          `blob ${digest} ended after ${offset} of ${size} bytes: retry the fetch`,
-          digest,
-        );
+        throw new DigestMismatchError(`blob ${digest} ended after ${offset} of ${size} bytes: retry the fetch`, digest);
       }
       fs.renameSync(target, this.blobPath(digest));
       return true;
     } catch (error) {
-      // A private file cannot be resumed by anyone, so it goes. The shared
-      // partial file stays for the next attempt unless its content is wrong.
-      if (!owned || error instanceof DigestMismatchError) fs.rmSync(target, { force: true });
+      // The partial file stays for the next attempt unless its content is wrong.
+      if (error instanceof DigestMismatchError) fs.rmSync(target, { force: true });
       throw error;
     } finally {
-      if (owned) fs.rmSync(lock, { force: true });
+      filesInUse.delete(target);
     }
+  }
+
+  /** Return a fresh partial-file path for a download by this process. */
+  #partialName(digest: Digest): string {
+    const hex = parseDigest(digest).slice("sha256:".length);
+    const random = Math.random().toString(36).slice(2, 10);
+    return path.join(this.dir, "ingest", `${hex}.${globalThis.process?.pid ?? 0}.${random}.partial`);
+  }
+
+  /**
+   * Take over the largest claimable partial file of a blob by renaming it to
+   * `target`. Returns false when there is none, or when other processes
+   * claimed every candidate first.
+   */
+  #claimPartial(digest: Digest, target: string): boolean {
+    const hex = digest.slice("sha256:".length);
+    const ingest = path.join(this.dir, "ingest");
+    const candidates: { file: string; size: number }[] = [];
+    for (const name of fs.readdirSync(ingest)) {
+      const match = PARTIAL_NAME.exec(name);
+      if (!match || match[1] !== hex) continue;
+      const file = path.join(ingest, name);
+      const pid = Number(match[2]);
+      const own = pid === globalThis.process?.pid;
+      if (filesInUse.has(file) || (own ? false : isAlive(pid))) continue;
+      try {
+        candidates.push({ file, size: fs.statSync(file).size });
+      } catch {
+        // Claimed by another process since readdir.
+      }
+    }
+    candidates.sort((a, b) => b.size - a.size);
+    for (const candidate of candidates) {
+      try {
+        fs.renameSync(candidate.file, target);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === "ENOENT") continue;
+        throw error;
+      }
+      // Smaller leftovers of the same blob are of no further use.
+      for (const other of candidates) if (other !== candidate) fs.rmSync(other.file, { force: true });
+      return true;
+    }
+    return false;
   }
 
   /** Hash the bytes of a partial download so the download can continue from its end. */
@@ -253,12 +294,6 @@ export class BlobCache {
     } finally {
       fs.closeSync(handle);
     }
-  }
-
-  #privateTemp(digest: Digest): string {
-    const hex = digest.slice("sha256:".length);
-    const random = Math.random().toString(36).slice(2, 10);
-    return path.join(this.dir, "ingest", `${hex}.${globalThis.process?.pid ?? 0}.${random}.tmp`);
   }
 
   /** Return the descriptors listed in `index.json`. */
@@ -310,34 +345,11 @@ function writeAll(handle: number, chunk: Uint8Array): void {
   }
 }
 
-/**
- * Take a lock file, or take over one whose process has died. Returns false
- * when another live process holds it.
- */
-function tryLock(lock: string): boolean {
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const handle = fs.openSync(lock, "wx");
-      fs.writeSync(handle, `${globalThis.process?.pid ?? 0}\n`);
-      fs.closeSync(handle);
-      return true;
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
-      const pid = Number.parseInt(readOrEmpty(lock), 10);
-      if (Number.isInteger(pid) && pid > 0 && isAlive(pid)) return false;
-      fs.rmSync(lock, { force: true });
-    }
-  }
-  return false;
-}
+/** Partial-file names: `<hex>.<pid>.<random>.partial`. */
+const PARTIAL_NAME = /^([a-f0-9]{64})\.(\d+)\.[a-z0-9]+\.partial$/;
 
-function readOrEmpty(file: string): string {
-  try {
-    return fs.readFileSync(file, "utf8");
-  } catch {
-    return "";
-  }
-}
+/** Partial files that downloads in this process are writing. */
+const filesInUse = new Set<string>();
 
 function isAlive(pid: number): boolean {
   try {

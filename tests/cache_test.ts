@@ -11,6 +11,12 @@ function tempCache(): BlobCache {
   return new BlobCache(fs.mkdtempSync(path.join(os.tmpdir(), "ocistage-cache-")));
 }
 
+/** Return the partial files of a blob in the cache's ingest directory. */
+function partialFiles(cache: BlobCache, digest: Digest): string[] {
+  const dir = path.join(cache.dir, "ingest");
+  return fs.readdirSync(dir).filter((name) => name.startsWith(`${digest.slice(7)}.`) && name.endsWith(".partial")).map((name) => path.join(dir, name));
+}
+
 function bytesOf(size: number, seed = 7): Uint8Array {
   return new Uint8Array(size).map((_, i) => (i * seed + (i >> 8)) & 0xff);
 }
@@ -101,8 +107,9 @@ test("ingest resumes an interrupted download from the partial file", async () =>
   const offsets: number[] = [];
   await assert.rejects(cache.ingest({ digest, size: 10_000 }, producerOf(content, digest, { cutAt: 4000, log: offsets })), /connection reset/);
   assert.equal(fs.existsSync(cache.blobPath(digest)), false);
-  const partial = path.join(cache.dir, "ingest", `${digest.slice(7)}.partial`);
-  assert.equal(fs.statSync(partial).size, 4000);
+  const partials = partialFiles(cache, digest);
+  assert.equal(partials.length, 1);
+  assert.equal(fs.statSync(partials[0]).size, 4000);
 
   assert.equal(await cache.ingest({ digest, size: 10_000 }, producerOf(content, digest, { log: offsets })), true);
   assert.deepEqual(offsets, [0, 4000]);
@@ -114,23 +121,37 @@ test("ingest with a corrupt partial file fails once, then downloads afresh", asy
   const cache = tempCache();
   const content = bytesOf(6000);
   const digest = await sha256Of(content);
-  const partial = path.join(cache.dir, "ingest", `${digest.slice(7)}.partial`);
+  const partial = path.join(cache.dir, "ingest", `${digest.slice(7)}.999999999.dead.partial`);
   fs.writeFileSync(partial, bytesOf(2000, 3));
   await assert.rejects(cache.ingest({ digest, size: 6000 }, producerOf(content, digest)), DigestMismatchError);
-  assert.equal(fs.existsSync(partial), false);
+  assert.deepEqual(partialFiles(cache, digest), []);
   assert.equal(await cache.ingest({ digest, size: 6000 }, producerOf(content, digest)), true);
   assert.deepEqual(new Uint8Array(fs.readFileSync(cache.blobPath(digest))), content);
 });
 
-test("ingest takes over the lock of a dead process", async () => {
+test("ingest resumes the partial file of a dead process", async () => {
   const cache = tempCache();
   const content = bytesOf(3000);
   const digest = await sha256Of(content);
-  const lock = path.join(cache.dir, "ingest", `${digest.slice(7)}.lock`);
-  fs.writeFileSync(lock, "999999999\n");
+  const dead = path.join(cache.dir, "ingest", `${digest.slice(7)}.999999999.abc.partial`);
+  fs.writeFileSync(dead, content.slice(0, 1200));
   const offsets: number[] = [];
   assert.equal(await cache.ingest({ digest, size: 3000 }, producerOf(content, digest, { log: offsets })), true);
-  assert.equal(fs.existsSync(lock), false);
+  assert.deepEqual(offsets, [1200]);
+  assert.deepEqual(fs.readdirSync(path.join(cache.dir, "ingest")), []);
+});
+
+test("ingest leaves the partial file of a live process alone", async () => {
+  const cache = tempCache();
+  const content = bytesOf(3000);
+  const digest = await sha256Of(content);
+  // PID 1 is always alive, so its download counts as in progress.
+  const live = path.join(cache.dir, "ingest", `${digest.slice(7)}.1.abc.partial`);
+  fs.writeFileSync(live, content.slice(0, 1200));
+  const offsets: number[] = [];
+  assert.equal(await cache.ingest({ digest, size: 3000 }, producerOf(content, digest, { log: offsets })), true);
+  assert.deepEqual(offsets, [0]);
+  assert.equal(fs.statSync(live).size, 1200, "the other download's file is untouched");
 });
 
 test("concurrent ingests of one blob both succeed", async () => {
