@@ -70,7 +70,7 @@ export interface RegistryClientOptions {
   registryUrl?: string;
   /** Retries after a network error, 408, 429 or 5xx, per request (default 4). */
   retries?: number;
-  /** Receives retry events. */
+  /** Receives retry events, and warning events when a mirror or other source fails. */
   onEvent?: EventHandler;
   /** `User-Agent` header (default `"ocistage/0.1.0"`). */
   userAgent?: string;
@@ -146,7 +146,7 @@ export interface RegistryRequest {
   mirror?: Mirror;
 }
 
-/** Where a repository's content is requested: a mirror or the registry itself. */
+/** A place that serves a repository's content: a mirror or the registry itself. */
 interface Endpoint {
   /** `host[:port]` for auth state and credentials. */
   registry: string;
@@ -456,6 +456,13 @@ export class RegistryClient {
    * Foreign and non-distributable layers with `urls` are fetched from those
    * URLs, without credentials, only with `allowForeignUrls`. Without it the
    * stream errors with {@link ForeignLayerError}.
+   *
+   * Sources are tried in order: foreign URLs (when allowed), the registry's
+   * mirrors, then the registry. When one fails for good, the next continues
+   * from the same offset with `Range`, and a `warning` event names the
+   * failure. Wrong content is found only at the end, so a caller that gets
+   * {@link DigestMismatchError} with mirrors configured may retry with
+   * `skipMirrors`.
    */
   openBlob(
     ref: ImageReference,
