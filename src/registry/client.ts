@@ -95,7 +95,9 @@ export interface RegistryClientOptions {
    * each mirror in order, then from the registry; tags always go to the
    * registry. A mirror gets one retry per request before the next source is
    * tried, and credentials are resolved for the mirror's own `host[:port]`.
-   * Default: no mirrors.
+   * A resolver that ignores the host, such as `staticCredentials`, thus
+   * gives mirrors the same credentials. Wrap it in `credentialsExcept` with
+   * `mirrorHosts(mirrors)` to prevent that. Default: no mirrors.
    */
   mirrors?: MirrorMap;
 }
