@@ -87,11 +87,18 @@ test("stage() gives one tree from a layout and both archive forms", async () => 
   const fromLegacy = await stageInto(`docker-archive:${work}/legacy.tar`, path.join(work, "cache-b"));
   const fromOciArchive = await stageInto(`docker-archive:${work}/oci.tar:rich:1.0`, path.join(work, "cache-c"));
 
-  const expected = snapshotTree(fromLayout);
+  // The root directory keeps the metadata it got when stage created it, so
+  // its mtime is the time of each stage and is left out of the comparison.
+  const below = (dir: string) => {
+    const tree = snapshotTree(dir);
+    tree.delete("");
+    return tree;
+  };
+  const expected = below(fromLayout);
   assert.equal(fs.readFileSync(path.join(fromLayout, "bin/tool"), "utf8"), "#!/bin/sh\necho tool v2\n");
   assert.equal(expected.has("etc/hosts"), false);
-  assert.deepEqual(diffTrees(expected, snapshotTree(fromLegacy)), []);
-  assert.deepEqual(diffTrees(expected, snapshotTree(fromOciArchive)), []);
+  assert.deepEqual(diffTrees(expected, below(fromLegacy)), []);
+  assert.deepEqual(diffTrees(expected, below(fromOciArchive)), []);
 });
 
 test("stage() selects the platform of a layout entry that is an index", async () => {
