@@ -223,6 +223,15 @@ export async function readVerifiedRegion(
   if (region.size > MAX_SMALL_BLOB) {
     throw new RangeError(`${region.label} has ${region.size} bytes, more than the limit of ${MAX_SMALL_BLOB} for a manifest or config: check the image`);
   }
+  const bytes = readRegion(region);
+  const hash = await createSha256(hasher);
+  hash.update(bytes);
+  checkRegion(region, expect, bytes.byteLength, hash.digest());
+  return bytes;
+}
+
+/** Read a small region whole, without verification (for index.json and manifest.json). */
+export function readRegion(region: FileRegion): Uint8Array {
   const bytes = new Uint8Array(region.size);
   const handle = fs.openSync(region.path, "r");
   try {
@@ -232,10 +241,7 @@ export async function readVerifiedRegion(
       if (count === 0) break;
       read += count;
     }
-    const hash = await createSha256(hasher);
-    hash.update(bytes.subarray(0, read));
-    checkRegion(region, expect, read, hash.digest());
-    return bytes;
+    return bytes.subarray(0, read);
   } finally {
     fs.closeSync(handle);
   }

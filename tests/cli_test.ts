@@ -15,10 +15,7 @@ import { MemoryRegistry } from "./fixtures/registry.ts";
 import { buildImage, writeOciLayout } from "./fixtures/local_images.ts";
 import { type Distribution, MEDIA, pushImage, run, skipUnlessPrograms, startDistribution } from "./fixtures/distribution.ts";
 import { runCliProcess } from "./fixtures/cli.ts";
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
+import { tempDir } from "./fixtures/temp.ts";
 
 /** Captured output of one in-process run. */
 interface Captured {

@@ -16,19 +16,9 @@ import {
   RegistryError,
 } from "../src/registry/errors.ts";
 import { MemoryRegistry, type MemoryRegistryOptions, sha256Hex } from "./fixtures/registry.ts";
+import { blobBytes } from "./fixtures/temp.ts";
 
 const encoder = new TextEncoder();
-
-/** Deterministic bytes of a given length. */
-function blobBytes(length: number, seed = 1): Uint8Array {
-  const bytes = new Uint8Array(length);
-  let state = seed;
-  for (let i = 0; i < length; i++) {
-    state = (state * 1103515245 + 12345) >>> 0;
-    bytes[i] = state >>> 24;
-  }
-  return bytes;
-}
 
 interface Setup {
   registry: MemoryRegistry;

@@ -12,12 +12,9 @@ import { type Distribution, digestOf, MEDIA, pushImage, pushIndex, skipUnlessPro
 import { richImageLayers } from "./fixtures/images.ts";
 import { runCliProcess } from "./fixtures/cli.ts";
 import { snapshotTree } from "./fixtures/tree.ts";
+import { tempDir } from "./fixtures/temp.ts";
 
 const skip = skipUnlessPrograms("docker-registry");
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
 
 type Compression = "gzip" | "zstd" | "none";
 

@@ -16,10 +16,7 @@ import { diffTrees, snapshotTree } from "./fixtures/tree.ts";
 import { buildImage, writeOciLayout } from "./fixtures/local_images.ts";
 import { type Distribution, digestOf, MEDIA, pushImage, run, skipUnlessPrograms, startDistribution } from "./fixtures/distribution.ts";
 import { cliCommand, runCliProcess } from "./fixtures/cli.ts";
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
+import { tempDir } from "./fixtures/temp.ts";
 
 /** Create a WritableStream that collects every chunk. */
 function collector(): { stream: WritableStream<Uint8Array>; bytes(): Uint8Array; closed: () => boolean; aborted: () => boolean } {

@@ -19,21 +19,7 @@ import { RegistryError } from "../src/registry/errors.ts";
 import { fetchImage, type FetchOptions } from "../src/stage.ts";
 import { type CliRun, cliCommand } from "./fixtures/cli.ts";
 import { type Fault, MemoryRegistry, type MemoryRegistryOptions } from "./fixtures/registry.ts";
-
-/** Deterministic bytes of a given length. */
-function blobBytes(length: number, seed: number): Uint8Array {
-  const bytes = new Uint8Array(length);
-  let state = seed;
-  for (let i = 0; i < length; i++) {
-    state = (state * 1103515245 + 12345) >>> 0;
-    bytes[i] = state >>> 24;
-  }
-  return bytes;
-}
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
+import { blobBytes, tempDir } from "./fixtures/temp.ts";
 
 function sha256File(file: string): string {
   return createHash("sha256").update(fs.readFileSync(file)).digest("hex");

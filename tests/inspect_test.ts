@@ -15,12 +15,9 @@ import { RegistryClient } from "../src/registry/client.ts";
 import { buildTar, gzipBytes } from "./fixtures/tar.ts";
 import { MemoryRegistry } from "./fixtures/registry.ts";
 import { buildImage, writeLegacyArchive, writeOciLayout } from "./fixtures/local_images.ts";
+import { tempDir } from "./fixtures/temp.ts";
 
 const LAYER = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
 
 function layer(text: string) {
   return { bytes: gzipBytes(buildTar([{ path: "file", content: text }])), mediaType: LAYER };

@@ -25,13 +25,10 @@ import { fetchImage, stage, track } from "../src/stage.ts";
 import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError, ManifestError } from "../src/errors.ts";
 import { RegistryClient } from "../src/registry/client.ts";
 import { BlobCache } from "../src/cache.ts";
+import { tempDir } from "./fixtures/temp.ts";
 
 const AMD64 = { os: "linux", architecture: "amd64" };
 const ARM64 = { os: "linux", architecture: "arm64", variant: "v8" };
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
 
 function simpleImage(text: string, platform = AMD64, compression: "gzip" | "none" = "gzip"): BuiltImage {
   return buildImage([

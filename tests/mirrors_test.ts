@@ -35,21 +35,7 @@ import {
   startDistribution,
 } from "./fixtures/distribution.ts";
 import { MemoryRegistry, type MemoryRegistryOptions, type PushedImage } from "./fixtures/registry.ts";
-
-/** Deterministic bytes of a given length. */
-function blobBytes(length: number, seed: number): Uint8Array {
-  const bytes = new Uint8Array(length);
-  let state = seed;
-  for (let i = 0; i < length; i++) {
-    state = (state * 1103515245 + 12345) >>> 0;
-    bytes[i] = state >>> 24;
-  }
-  return bytes;
-}
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
+import { blobBytes, tempDir } from "./fixtures/temp.ts";
 
 test("parseMirror() reads locations", () => {
   const table: [string, { host: string; origin: string; prefix: string }][] = [

@@ -27,16 +27,13 @@ import {
   type TokenServer,
 } from "./fixtures/distribution.ts";
 import { buildTar, gzipBytes } from "./fixtures/tar.ts";
+import { tempDir } from "./fixtures/temp.ts";
 
 const skip = skipUnlessPrograms("docker-registry", "openssl");
 
 const USER = "ci-user";
 const PASSWORD = "pw-Zq81-never-print-me";
 const REFRESH_TOKEN = "refresh-Kx7-never-print-me";
-
-function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ocistage-${prefix}-`));
-}
 
 /** Build a gzip layer with one file whose content names the repository. */
 function layerFor(repository: string) {

@@ -31,11 +31,12 @@ import {
   type FileRegion,
   type ImageSource,
   MAX_SMALL_BLOB,
+  readRegion,
   readVerifiedRegion,
   type SourceBlobOptions,
   verifiedRegionStream,
 } from "../image-source.ts";
-import { type LayoutFiles, LayoutSource, readRegion } from "./layout.ts";
+import { type LayoutFiles, LayoutSource } from "./layout.ts";
 
 /** One entry of a `docker save` manifest.json. */
 interface ArchiveEntry {

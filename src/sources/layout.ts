@@ -30,6 +30,7 @@ import {
   type FileRegion,
   type ImageSource,
   MAX_SMALL_BLOB,
+  readRegion,
   readVerifiedRegion,
   type SourceBlobOptions,
   verifiedRegionStream,
@@ -241,21 +242,4 @@ export class LayoutSource implements ImageSource {
 export function blobPath(digest: Digest): string {
   const [algorithm, hex] = digest.split(":");
   return `blobs/${algorithm}/${hex}`;
-}
-
-/** Read a small region whole, without verification (for index.json and manifest.json). */
-export function readRegion(region: FileRegion): Uint8Array {
-  const bytes = new Uint8Array(region.size);
-  const handle = fs.openSync(region.path, "r");
-  try {
-    let read = 0;
-    while (read < region.size) {
-      const count = fs.readSync(handle, bytes, read, region.size - read, region.offset + read);
-      if (count === 0) break;
-      read += count;
-    }
-    return bytes.subarray(0, read);
-  } finally {
-    fs.closeSync(handle);
-  }
 }
