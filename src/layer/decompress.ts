@@ -210,20 +210,82 @@ function decoded(source: ReadableStream<Uint8Array>, compression: Compression): 
     case "none":
       return source;
     case "gzip":
-      return source.pipeThrough(nodeTransform(zlib.createGunzip()));
-    case "zstd":
-      return source.pipeThrough(zstdTransform());
+      return nodeDecoder(source, zlib.createGunzip({ chunkSize: DECODER_CHUNK_SIZE }));
+    case "zstd": {
+      const create = (zlib as { createZstdDecompress?: (options: zlib.ZlibOptions) => Duplex }).createZstdDecompress;
+      if (typeof create === "function") return nodeDecoder(source, create({ chunkSize: DECODER_CHUNK_SIZE }));
+      return source.pipeThrough(fzstdTransform());
+    }
   }
 }
 
-function nodeTransform(stream: Duplex): ReadableWritablePair<Uint8Array, Uint8Array> {
-  return Duplex.toWeb(stream) as unknown as ReadableWritablePair<Uint8Array, Uint8Array>;
-}
+/**
+ * Output chunk size of the `node:zlib` decoders. 64 KiB decodes about 15%
+ * faster than the default 16 KiB on Deno 2.9 (bench/README.md).
+ */
+const DECODER_CHUNK_SIZE = 64 * 1024;
 
-function zstdTransform(): ReadableWritablePair<Uint8Array, Uint8Array> {
-  const create = (zlib as { createZstdDecompress?: () => Duplex }).createZstdDecompress;
-  if (typeof create === "function") return nodeTransform(create());
-  return fzstdTransform();
+/**
+ * Runs a `node:zlib` decoder as a web stream that reads `source` only when
+ * the decoder has room and its output has been taken. `Duplex.toWeb` is not
+ * used because its readable side limits the number of queued chunks (16,384
+ * for zlib) instead of their bytes, so behind a slow disk it buffered
+ * hundreds of megabytes of a large layer.
+ */
+function nodeDecoder(source: ReadableStream<Uint8Array>, decoder: Duplex): ReadableStream<Uint8Array> {
+  const reader = source.getReader();
+  let inputDone = false;
+  let outputDone = false;
+  let failure: { error: unknown } | undefined;
+  let wake: (() => void) | undefined;
+  const notify = () => {
+    const resolve = wake;
+    wake = undefined;
+    resolve?.();
+  };
+  decoder.on("readable", notify);
+  decoder.on("drain", notify);
+  decoder.on("end", () => {
+    outputDone = true;
+    notify();
+  });
+  decoder.on("error", (error) => {
+    failure ??= { error };
+    notify();
+  });
+
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      for (;;) {
+        if (failure !== undefined) throw failure.error;
+        const chunk = decoder.read() as Uint8Array | null;
+        if (chunk !== null) {
+          controller.enqueue(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+          return;
+        }
+        if (outputDone) {
+          controller.close();
+          return;
+        }
+        if (!inputDone && !decoder.writableNeedDrain) {
+          const { done, value } = await reader.read();
+          if (done) {
+            inputDone = true;
+            decoder.end();
+          } else {
+            decoder.write(value);
+          }
+          continue;
+        }
+        // Every path that leaves the decoder busy ends in one of the events above.
+        await new Promise<void>((resolve) => (wake = resolve));
+      }
+    },
+    cancel(reason) {
+      decoder.destroy();
+      return reader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
 }
 
 /** Creates a zstd decoder on `fzstd`, for runtimes whose `node:zlib` has no zstd (Node before 22.15). */
