@@ -77,8 +77,18 @@ export class DockerSource {
     return { ...base, tag: this.config.track, digest: undefined };
   }
 
+  /**
+   * The element's `os`/`architecture` win over the caller's platform. Without
+   * either, the platform stays as the caller gave it, or unset, so that a
+   * single-platform image for another platform gives a warning, not an error.
+   */
   #pullOptions(): DockerSourceOptions {
-    return { ...this.#options, platform: this.platform, registryUrl: this.#options.registryUrl ?? this.config.registryUrl };
+    const stated = this.config.os !== undefined || this.config.architecture !== undefined;
+    return {
+      ...this.#options,
+      platform: stated ? this.platform : this.#options.platform,
+      registryUrl: this.#options.registryUrl ?? this.config.registryUrl,
+    };
   }
 
   /** Resolve the `track` tag to the manifest digest of the element's platform. */

@@ -8,9 +8,9 @@
 import * as fs from "node:fs";
 import { BlobCache, type BlobDescriptor } from "./cache.ts";
 import type { Digest, HasherBackend } from "./digest.ts";
-import { DigestMismatchError, TargetNotEmptyError } from "./errors.ts";
+import { DigestMismatchError, PlatformNotFoundError, TargetNotEmptyError } from "./errors.ts";
 import type { EventHandler } from "./progress.ts";
-import { hostPlatform, type ImageReference, parsePlatform, type Platform } from "./reference.ts";
+import { formatPlatform, hostPlatform, type ImageReference, parsePlatform, type Platform, rankPlatform } from "./reference.ts";
 import { type Descriptor, foreignLayerUrls, type ImageManifest } from "./manifest.ts";
 import { ForeignLayerError } from "./registry/errors.ts";
 import { RegistryClient, type RegistryClientOptions } from "./registry/client.ts";
@@ -116,6 +116,11 @@ export async function track(image: string | ImageReference, options: PullOptions
   let resolved;
   try {
     resolved = await source.resolve(platform);
+    // Without an index there was nothing to choose from, so an explicit
+    // platform is checked against the image config instead.
+    if (!resolved.indexDigest && options.platform !== undefined) {
+      checkImagePlatform(await source.readBlob(resolved.manifest.config), platform, true, source.name, options);
+    }
   } finally {
     source.close();
   }
@@ -166,17 +171,24 @@ export async function fetchImage(image: string | ImageReference, options: FetchO
  * ```
  */
 export async function stage(image: string | ImageReference, target: string, options: StageOptions = {}): Promise<StageResult> {
-  prepareTarget(target);
-  const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
-  const result = await pull(image, options, async (cache, layer, index, count) => {
-    const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
-    const blob = await cache.openBlob(layer.digest, layer.size);
-    const tar = decompressStream(blob, compression);
-    await applier.applyLayer(tar, { digest: layer.digest, index });
-    options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
-  });
-  applier.finish();
-  return { ...result, target };
+  const created = prepareTarget(target);
+  try {
+    const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
+    const result = await pull(image, options, async (cache, layer, index, count) => {
+      const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
+      const blob = await cache.openBlob(layer.digest, layer.size);
+      const tar = decompressStream(blob, compression);
+      await applier.applyLayer(tar, { digest: layer.digest, index });
+      options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
+    });
+    applier.finish();
+    return { ...result, target };
+  } catch (error) {
+    // A half-staged tree is of no use and would block the next attempt,
+    // which needs an empty target: remove what this call wrote.
+    clearTarget(target, created);
+    throw error;
+  }
 }
 
 type LayerSink = (cache: BlobCache, layer: Descriptor, index: number, count: number) => Promise<void>;
@@ -239,6 +251,10 @@ async function pullFrom(
   };
 
   await download(manifest.config);
+  if (!resolved.indexDigest) {
+    const config = await cache.readBytes(manifest.config.digest, manifest.config.size);
+    checkImagePlatform(config, platform, options.platform !== undefined, source.name, options);
+  }
   const layers = manifest.layers;
   const pending = downloadAll(layers, options.concurrency ?? 3, download);
   try {
@@ -267,6 +283,36 @@ async function pullFrom(
     cache,
     downloaded,
   };
+}
+
+/**
+ * Check the platform an image config states against the requested one. A
+ * mismatch is a {@link PlatformNotFoundError} when the platform was given
+ * explicitly, and a "platform-mismatch" warning when it was the host's
+ * default. A config without `os` and `architecture` passes.
+ */
+function checkImagePlatform(configBytes: Uint8Array, requested: Platform, explicit: boolean, sourceName: string, options: PullOptions): void {
+  let config: { os?: unknown; architecture?: unknown; variant?: unknown };
+  try {
+    config = JSON.parse(new TextDecoder().decode(configBytes));
+  } catch {
+    return;
+  }
+  if (typeof config.os !== "string" || typeof config.architecture !== "string") return;
+  const offered: Platform = {
+    os: config.os,
+    architecture: config.architecture,
+    ...(typeof config.variant === "string" && config.variant ? { variant: config.variant } : {}),
+  };
+  if (rankPlatform(offered, requested) !== undefined) return;
+  if (explicit) throw new PlatformNotFoundError(formatPlatform(requested), [formatPlatform(offered)], sourceName);
+  options.onEvent?.({
+    type: "warning",
+    code: "platform-mismatch",
+    message: `${sourceName} is a single-platform image for ${formatPlatform(offered)}, not this host's ${formatPlatform(requested)}: ` +
+      "its programs may not run here; pass --platform to state the platform you want",
+    count: 1,
+  });
 }
 
 /**
@@ -321,8 +367,12 @@ function downloadAll(
   return new Map([...waiters].map(([digest, waiter]) => [digest, waiter.promise]));
 }
 
-/** Create the target directory, or check that an existing one is empty. */
-function prepareTarget(target: string): void {
+/**
+ * Create the target directory, or check that an existing one is empty.
+ * Returns true when the directory was created here.
+ */
+function prepareTarget(target: string): boolean {
+  if (target === "") throw new TypeError("stage target is an empty string: pass the directory to stage into");
   let entries: string[];
   try {
     entries = fs.readdirSync(target);
@@ -330,10 +380,37 @@ function prepareTarget(target: string): void {
     const code = (error as NodeJS.ErrnoException).code;
     if (code === "ENOENT") {
       fs.mkdirSync(target, { recursive: true });
-      return;
+      return true;
     }
     if (code === "ENOTDIR") throw new TargetNotEmptyError(target);
     throw error;
   }
   if (entries.length > 0) throw new TargetNotEmptyError(target);
+  return false;
+}
+
+/**
+ * Remove what a failed stage wrote: the target itself when this call created
+ * it, else everything inside it (it was empty before). Directories are made
+ * writable first so that a non-root user can remove read-only ones.
+ */
+function clearTarget(target: string, created: boolean): void {
+  const makeWritable = (dir: string): void => {
+    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+      if (!entry.isDirectory()) continue;
+      const child = `${dir}/${entry.name}`;
+      fs.chmodSync(child, 0o700);
+      makeWritable(child);
+    }
+  };
+  try {
+    makeWritable(target);
+    if (created) {
+      fs.rmSync(target, { recursive: true, force: true });
+      return;
+    }
+    for (const name of fs.readdirSync(target)) fs.rmSync(`${target}/${name}`, { recursive: true, force: true });
+  } catch {
+    // The original error matters more; what is left stays for the user to remove.
+  }
 }

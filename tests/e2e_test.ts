@@ -213,6 +213,45 @@ describe("end to end against the distribution registry", { skip }, () => {
     assert.deepEqual(fs.readdirSync(nonEmpty), ["keep"], "a non-empty target is left alone");
   });
 
+  test("explicit platform must match a single-platform image", async () => {
+    const other = process.arch === "arm64" ? { os: "linux", architecture: "amd64" } : { os: "linux", architecture: "arm64" };
+    const name = `${other.os}/${other.architecture}`;
+    await pushLayers(registry, "single/other", "1", [[{ path: "f", content: "x" }]], ["gzip"], "oci", other);
+    const image = `${registry.host}/single/other:1`;
+
+    const mismatch = process.arch === "arm64" ? "linux/s390x" : "linux/ppc64le";
+    const tracked = await runCliProcess(["track", image, "--platform", mismatch, "--cache", cache]);
+    assert.equal(tracked.code, 1, tracked.stderr);
+    assert.match(tracked.stderr, new RegExp(`no manifest for platform "${mismatch}"`));
+    assert.match(tracked.stderr, new RegExp(name), "the error names the platform the image offers");
+
+    const target = path.join(tempDir("single"), "rootfs");
+    const staged = await runCliProcess(["stage", image, target, "--platform", mismatch, "--cache", cache]);
+    assert.equal(staged.code, 1, staged.stderr);
+    assert.equal(fs.existsSync(target), false, "a failed stage removes the directory it created");
+
+    const implicit = await runCliProcess(["stage", image, target, "--cache", cache]);
+    assert.equal(implicit.code, 0, implicit.stderr);
+    assert.match(implicit.stderr, new RegExp(`warning: .*single-platform image for ${name}`));
+    assert.equal(fs.readFileSync(path.join(target, "f"), "utf8"), "x");
+
+    const matching = await runCliProcess(["track", image, "--platform", name, "--cache", cache]);
+    assert.equal(matching.code, 0, matching.stderr);
+  });
+
+  test("failed stage leaves an empty target", async () => {
+    const layers = [[{ path: "ok", content: "fine\n" }], [{ path: "dir/", type: "dir" as const, mode: 0o555 }, { path: "../escape", content: "bad" }]];
+    await pushLayers(registry, "failing/escape", "1", layers, ["gzip"], "oci");
+    const parent = tempDir("failing");
+    const target = path.join(parent, "rootfs");
+    fs.mkdirSync(target);
+    const run = await runCliProcess(["stage", `${registry.host}/failing/escape:1`, target, "--platform", "linux/amd64", "--cache", cache]);
+    assert.equal(run.code, 1, run.stderr);
+    assert.match(run.stderr, /\.\.\/escape/);
+    assert.deepEqual(fs.readdirSync(target), [], "what the first layer wrote is removed");
+    assert.deepEqual(fs.readdirSync(parent), ["rootfs"], "nothing is written beside the target");
+  });
+
   test("invalid element file names the file, line and key", async () => {
     const dir = tempDir("badelement");
     const file = path.join(dir, "bad.bst");
