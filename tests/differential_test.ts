@@ -66,6 +66,32 @@ describe("differential against skopeo and umoci", { skip }, () => {
     fs.rmSync(work, { recursive: true, force: true });
   });
 
+  test("layers written by umoci insert stage like umoci unpack", async () => {
+    // umoci 0.4.7 ends its layers right after the last body, without the
+    // padding and end blocks, which ocistage must accept.
+    const layout = path.join(work, "umoci-layout");
+    const files = path.join(work, "umoci-files");
+    fs.mkdirSync(path.join(files, "opt", "app"), { recursive: true });
+    fs.writeFileSync(path.join(files, "opt", "app", "config"), "version=1\n");
+    fs.writeFileSync(path.join(files, "opt", "app", "old"), "old\n");
+    run("umoci", ["init", "--layout", layout]);
+    run("umoci", ["new", "--image", `${layout}:t`]);
+    run("umoci", ["insert", "--rootless", "--image", `${layout}:t`, path.join(files, "opt"), "/opt"]);
+    run("umoci", ["insert", "--rootless", "--image", `${layout}:t`, "--whiteout", "/opt/app/old"]);
+
+    const umociRoot = path.join(work, "umoci-insert-unpacked");
+    run("umoci", ["raw", "unpack", "--rootless", "--image", `${layout}:t`, umociRoot]);
+    const ours = path.join(work, "umoci-insert-staged");
+    const staged = await runCliProcess(["stage", `oci:${layout}:t`, ours, "--cache", path.join(work, "cache-umoci")]);
+    assert.equal(staged.code, 0, staged.stderr);
+
+    const ourTree = snapshotTree(ours);
+    ourTree.delete("");
+    assert.equal(fs.readFileSync(path.join(ours, "opt/app/config"), "utf8"), "version=1\n");
+    assert.equal(ourTree.has("opt/app/old"), false, "the whiteout layer applies");
+    assert.deepEqual(diffTrees(ourTree, expectedFromUmoci(snapshotTree(umociRoot), new Set())), []);
+  });
+
   test("rich image stages like umoci raw unpack", async () => {
     const layers = richImageLayers();
     const blobs = layers.map((entries) => {

@@ -21,11 +21,13 @@
  *   (`M`), volume labels (`V`) and every other unknown typeflag (`7`,
  *   contiguous files, counts as a regular file);
  * - PAX and GNU long-name records over {@linkcode MAX_META_SIZE} bytes;
- * - input that ends inside a header, a body or its padding, and a zero block
- *   followed by a non-zero block.
+ * - input that ends inside a header or a body, and a zero block followed by
+ *   a non-zero block.
  *
- * Tolerated: input that ends without the two zero blocks, and any data after
- * them. Trailing bytes are counted in {@linkcode TarReader.trailingBytes} and
+ * Tolerated: input that ends without the two zero blocks, also when it ends
+ * inside the padding after the last entry's complete body (umoci 0.4.7 writes
+ * such layers, and umoci and Go's archive/tar read them), and any data after
+ * the end blocks. Trailing bytes are counted in {@linkcode TarReader.trailingBytes} and
  * the non-zero ones in {@linkcode TarReader.trailingNonZeroBytes}: Docker and
  * containerd stop at the end marker and discard the rest, so rejecting it
  * would refuse images they run. The caller decides whether to warn.
@@ -157,7 +159,7 @@ export class TarReader {
 
   /** Checks that the input did not stop inside an entry; call once after the last `push`. */
   end(): void {
-    if (this.#state === "done") return;
+    if (this.#state === "done" || this.#state === "padding") return;
     if (this.#state === "header" || this.#state === "zero") {
       if (this.#blockFill === 0 || isZero(this.#block.subarray(0, this.#blockFill))) {
         if (this.#pendingMeta()) {
@@ -167,9 +169,8 @@ export class TarReader {
       }
       throw this.#error(`tar stream is truncated inside the header at offset ${this.#offset}: fetch the layer again`);
     }
-    const where = this.#state === "padding" ? "padding" : "body";
     throw this.#error(
-      `tar stream is truncated inside the ${where} of entry ${quoteName(this.#current)}: fetch the layer again`,
+      `tar stream is truncated inside the body of entry ${quoteName(this.#current)}: fetch the layer again`,
       this.#current,
     );
   }
