@@ -28,7 +28,8 @@
  */
 import * as fs from "node:fs";
 import { createSha256, type Digest, type HasherBackend, type Sha256 } from "./digest.ts";
-import { DigestMismatchError, InvalidReferenceError } from "./errors.ts";
+import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError } from "./errors.ts";
+import { RegistryError } from "./registry/errors.ts";
 import type { Descriptor } from "./manifest.ts";
 import { type ImageReference, parseReference, type Platform } from "./reference.ts";
 import type { FetchedManifest, RegistryClient, ResolvedManifest } from "./registry/client.ts";
@@ -266,3 +267,35 @@ function checkRegion(region: FileRegion, expect: { digest: Digest; size: number 
 
 /** The largest manifest, index or config read whole, in bytes. */
 export const MAX_SMALL_BLOB = 4 * 1024 * 1024;
+
+const MAX_LISTED_TAGS = 20;
+
+/**
+ * Rethrow `error`, explained when it is a registry's 404 for a tag: an
+ * {@link ImageNotFoundError} listing the tags the repository has, or, when
+ * the tag list is a 404 too, one saying that the repository does not exist
+ * (the distribution registry answers MANIFEST_UNKNOWN for both cases).
+ */
+export async function explainMissingTag(source: ImageSource, error: unknown): Promise<never> {
+  const reference = source.reference;
+  if (!(error instanceof RegistryError) || error.status !== 404 || !reference?.tag || reference.digest) throw error;
+  let tags: string[];
+  try {
+    tags = await source.listTags();
+  } catch (listError) {
+    if (listError instanceof RegistryError && listError.status === 404) {
+      throw new ImageNotFoundError(
+        `repository "${reference.repository}" not found on ${reference.registry}: check the image name in "${source.name}"`,
+        source.name,
+        [],
+        { cause: error },
+      );
+    }
+    // The tag list is unavailable (some registries do not offer it), so the original error says more.
+    throw error;
+  }
+  const shown = tags.slice(0, MAX_LISTED_TAGS).map((tag) => `"${tag}"`).join(", ");
+  const more = tags.length > MAX_LISTED_TAGS ? ` and ${tags.length - MAX_LISTED_TAGS} more` : "";
+  const offer = tags.length > 0 ? `the repository has tags ${shown}${more}; pass one of them` : "the repository has no tags";
+  throw new ImageNotFoundError(`tag "${reference.tag}" not found in "${source.name}": ${offer}`, source.name, tags, { cause: error });
+}

@@ -8,11 +8,10 @@
  */
 import type { Digest } from "./digest.ts";
 import { ImageNotFoundError, ManifestError, PlatformNotFoundError } from "./errors.ts";
-import { RegistryError } from "./registry/errors.ts";
 import type { FetchedManifest } from "./registry/client.ts";
 import { type Descriptor, type ImageIndex, type ImageManifest, isImageIndex } from "./manifest.ts";
 import { formatPlatform, hostPlatform, type ImageReference, parsePlatform, type Platform } from "./reference.ts";
-import { type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
+import { explainMissingTag, type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
 import { clientFor, type PullOptions } from "./stage.ts";
 
 /** Options of {@link inspect}. */
@@ -146,8 +145,6 @@ function sourceFor(image: string | ImageReference, options: PullOptions): ImageS
   return openImageSource(image, { client: clientFor(options) });
 }
 
-const MAX_LISTED_TAGS = 20;
-
 /**
  * Read the top-level document. When a registry has no such tag, fail with
  * an {@link ImageNotFoundError} that lists the tags the repository has.
@@ -156,19 +153,7 @@ async function topOrTags(source: ImageSource): Promise<FetchedManifest> {
   try {
     return await source.top();
   } catch (error) {
-    const reference = source.reference;
-    if (!(error instanceof RegistryError) || error.status !== 404 || !reference?.tag || reference.digest) throw error;
-    let tags: string[];
-    try {
-      tags = await source.listTags();
-    } catch {
-      // The repository itself is unknown or unlisted, so the original error says more.
-      throw error;
-    }
-    const shown = tags.slice(0, MAX_LISTED_TAGS).map((tag) => `"${tag}"`).join(", ");
-    const more = tags.length > MAX_LISTED_TAGS ? ` and ${tags.length - MAX_LISTED_TAGS} more` : "";
-    const offer = tags.length > 0 ? `the repository has tags ${shown}${more}; pass one of them` : "the repository has no tags";
-    throw new ImageNotFoundError(`tag "${reference.tag}" not found in "${source.name}": ${offer}`, source.name, tags, { cause: error });
+    return await explainMissingTag(source, error);
   }
 }
 

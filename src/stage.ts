@@ -16,7 +16,7 @@ import { ForeignLayerError } from "./registry/errors.ts";
 import { RegistryClient, type RegistryClientOptions } from "./registry/client.ts";
 import { chainCredentials, credentialsExcept, dockerConfigCredentials, environmentCredentials } from "./registry/auth.ts";
 import { mirrorHosts } from "./mirrors.ts";
-import { type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
+import { explainMissingTag, type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
 import { LayerApplier } from "./layer/apply.ts";
 import { compressionFromMediaType, decompressStream } from "./layer/decompress.ts";
 
@@ -115,7 +115,7 @@ export async function track(image: string | ImageReference, options: PullOptions
   const { source } = sourceFor(image, options);
   let resolved;
   try {
-    resolved = await source.resolve(platform);
+    resolved = await source.resolve(platform).catch((error) => explainMissingTag(source, error));
     // Without an index there was nothing to choose from, so an explicit
     // platform is checked against the image config instead.
     if (!resolved.indexDigest && options.platform !== undefined) {
@@ -213,7 +213,7 @@ async function pullFrom(
   const cache = options.cache instanceof BlobCache ? options.cache : new BlobCache(options.cache, { hasher: options.hasher });
   const reference = source.reference;
 
-  const resolved = await source.resolve(platform);
+  const resolved = await source.resolve(platform).catch((error) => explainMissingTag(source, error));
   const manifestDescriptor: BlobDescriptor = {
     mediaType: resolved.mediaType,
     digest: resolved.digest,

@@ -193,8 +193,8 @@ describe("end to end against the distribution registry", { skip }, () => {
     const nonEmpty = tempDir("nonempty");
     fs.writeFileSync(path.join(nonEmpty, "keep"), "x");
     const cases: { args: string[]; code: number; pattern: RegExp }[] = [
-      { args: ["track", `${registry.host}/errors/present:nope`], code: 1, pattern: /nope/ },
-      { args: ["track", `${registry.host}/errors/absent:1`], code: 1, pattern: /errors\/absent/ },
+      { args: ["track", `${registry.host}/errors/present:nope`], code: 1, pattern: /tag "nope" not found.*has tags "1"/ },
+      { args: ["track", `${registry.host}/errors/absent:1`], code: 1, pattern: /repository "errors\/absent" not found/ },
       { args: ["track", "UPPER/Case:tag"], code: 2, pattern: /UPPER\/Case/ },
       { args: ["track", `${registry.host}/errors/present:1`, "--platform", "linux"], code: 2, pattern: /"linux"/ },
       { args: ["stage", `${registry.host}/errors/present:1`, nonEmpty, "--platform", "linux/amd64"], code: 1, pattern: /not an empty directory/ },
