@@ -32,7 +32,7 @@ export interface ExportOptions extends StageOptions {
 
 /** The outcome of {@link exportTar}. */
 export interface ExportResult extends FetchResult {
-  /** Number of tar entries written, the root directory included. */
+  /** Number of tar entries written. */
   entries: number;
   /** Bytes of tar written. */
   bytes: number;
@@ -80,8 +80,9 @@ export async function exportTar(
 
 /**
  * Write the tree below `root` to `output` as a tar stream and close it.
- * Entries come in sorted order, each directory before its contents; the root
- * itself is the entry `./`. Regular files, directories and symlinks are
+ * Entries come in sorted order, each directory before its contents. The root
+ * itself has no entry, because its metadata is that of the staging directory,
+ * not the image's, and would make two exports of one image differ. Regular files, directories and symlinks are
  * written with their mode (setuid, setgid and sticky included) and mtime in
  * whole seconds. A file with several links is written once, and its other
  * paths become hardlink entries to the first. Other file types are skipped.
@@ -145,22 +146,20 @@ export async function packTree(
 }
 
 interface WalkEntry {
-  /** Name in the archive: "./" for the root, else the relative path, with "/" after directories. */
+  /** Name in the archive: the relative path, with "/" after directories. */
   name: string;
   full: string;
   stat: fs.Stats;
 }
 
-/** Yield the root and every entry below it, depth first, names sorted by code unit. */
+/** Yield every entry below the root, depth first, names sorted by code unit. */
 function* walk(root: string): Generator<WalkEntry> {
   const stack: { relative: string; full: string }[] = [{ relative: "", full: root }];
   while (stack.length > 0) {
     const { relative, full } = stack.pop()!;
     const stat = fs.lstatSync(full);
     const isDir = stat.isDirectory();
-    let name = isDir ? `${relative}/` : relative;
-    if (relative === "") name = "./";
-    yield { name, full, stat };
+    if (relative !== "") yield { name: isDir ? `${relative}/` : relative, full, stat };
     if (!isDir) continue;
     const children = fs.readdirSync(full).sort().reverse();
     for (const child of children) {

@@ -142,6 +142,38 @@ describe("end to end against the distribution registry", { skip }, () => {
     assert.equal(JSON.parse(json.stdout).digest, pushed.digest);
   });
 
+  test("stage, export and inspect --json print results", async () => {
+    const pushed = await pushLayers(registry, "json/out", "2.0", [[{ path: "hello", content: "hi\n" }]], ["gzip"], "oci");
+    const image = `${registry.host}/json/out:2.0`;
+    const dir = tempDir("json");
+
+    const staged = await runCliProcess(["stage", image, path.join(dir, "rootfs"), "--json", "--platform", "linux/amd64", "--cache", cache]);
+    assert.equal(staged.code, 0, staged.stderr);
+    const stageResult = JSON.parse(staged.stdout);
+    assert.equal(stageResult.digest, pushed.digest);
+    assert.equal(stageResult.target, path.join(dir, "rootfs"));
+
+    const archive = path.join(dir, "rootfs.tar");
+    const exported = await runCliProcess(["export", image, "-o", archive, "--json", "--platform", "linux/amd64", "--cache", cache]);
+    assert.equal(exported.code, 0, exported.stderr);
+    const exportResult = JSON.parse(exported.stdout);
+    assert.equal(exportResult.digest, pushed.digest);
+    assert.equal(exportResult.entries, 1);
+
+    const again = path.join(dir, "again.tar");
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    const second = await runCliProcess(["export", image, "-o", again, "--platform", "linux/amd64", "--cache", cache]);
+    assert.equal(second.code, 0, second.stderr);
+    assert.deepEqual(fs.readFileSync(again), fs.readFileSync(archive), "two exports of one image are identical");
+
+    await pushLayers(registry, "json/out", "3.0", [[{ path: "hello", content: "hi\n" }]], ["gzip"], "oci");
+    const tags = await runCliProcess(["inspect", `${registry.host}/json/out`, "--tags", "--json"]);
+    assert.equal(tags.code, 0, tags.stderr);
+    assert.deepEqual(JSON.parse(tags.stdout).tags, ["2.0", "3.0"]);
+    const plainTags = await runCliProcess(["inspect", `${registry.host}/json/out`, "--tags"]);
+    assert.equal(plainTags.stdout, "2.0\n3.0\n");
+  });
+
   test("track on an element file changes only the ref line", async () => {
     const pushed = await pushLayers(registry, "element/base", "stable", [[{ path: "hello", content: "hi\n" }]], ["gzip"], "oci");
     const dir = tempDir("element");

@@ -67,9 +67,9 @@ test("ProgressReporter prints messages above the bars", () => {
   assert.ok(twoBars.startsWith("\x1b[1F"));
   assert.equal(twoBars.split("\x1b[2K").length - 1, 2, "both bars are drawn");
 
-  reporter.handle({ type: "warning", code: "fifo-dropped", message: "dropped 1 FIFO entries", count: 1 });
+  reporter.handle({ type: "warning", code: "fifo-dropped", message: "dropped 1 FIFO entry", count: 1 });
   const message = out.writes.at(-2)!;
-  assert.equal(message, "\x1b[2F\x1b[0Jwarning: dropped 1 FIFO entries\n", "the bars are erased and the message written");
+  assert.equal(message, "\x1b[2F\x1b[0Jwarning: dropped 1 FIFO entry\n", "the bars are erased and the message written");
   assert.equal(out.writes.at(-1)!.split("\x1b[2K").length - 1, 2, "the bars come back below it");
 
   clock.set(10_210);
@@ -108,7 +108,7 @@ test("ProgressReporter writes JSON lines with json", () => {
   const reporter = new ProgressReporter(out, { json: true });
   reporter.handle(download(A, 10, 2048));
   reporter.handle(download(A, 2048, 2048, true));
-  reporter.handle({ type: "warning", code: "fifo-dropped", message: "dropped 1 FIFO entries", count: 1 });
+  reporter.handle({ type: "warning", code: "fifo-dropped", message: "dropped 1 FIFO entry", count: 1 });
   reporter.finish("done");
 
   const parsed = out.writes.map((line) => JSON.parse(line));
@@ -123,7 +123,7 @@ test("ProgressReporter writes nothing with quiet", () => {
   const out = fakeStream(true);
   const reporter = new ProgressReporter(out, { quiet: true });
   reporter.handle(download(A, 2048, 2048, true));
-  reporter.handle({ type: "warning", code: "fifo-dropped", message: "dropped 1 FIFO entries", count: 1 });
+  reporter.handle({ type: "warning", code: "fifo-dropped", message: "dropped 1 FIFO entry", count: 1 });
   reporter.finish("done");
   reporter.stop();
   assert.deepEqual(out.writes, []);

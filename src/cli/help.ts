@@ -30,11 +30,13 @@ Registry and cache options:
                                 --mirror flags (default: $OCISTAGE_MIRRORS)
 
 Output options:
-  --json                        machine-readable result on standard output,
-                                and progress as one JSON object per line on
-                                standard error
+  --json                        the result as one JSON object on standard
+                                output (for export to standard output, on
+                                standard error), and progress as one JSON
+                                object per line on standard error
   -q, --quiet                   no progress or warnings on standard error
   -h, --help                    this help
+  --version                     print the version
 
 Progress goes to standard error: a bar per blob with bytes, rate and time
 left when it is a terminal, else one line per finished step.
@@ -141,7 +143,9 @@ that the registry does not have is reported with the tags it does have.
 
   --tags                        also list the tags: the repository's tags on
                                 a registry, ref names in an OCI layout,
-                                RepoTags in a docker archive
+                                RepoTags in a docker archive. With a bare
+                                repository or layout (no tag), only the
+                                tags are listed
   --json                        print the result as one JSON object, with
                                 the full manifest and config documents; on
                                 an element, one entry per source with its

@@ -12,7 +12,7 @@ import { parseElement, setRef } from "../element.ts";
 import { DockerSource } from "../source.ts";
 import { fetchImage, type FetchOptions, stage, track } from "../stage.ts";
 import { exportTar } from "../export.ts";
-import { inspect } from "../inspect.ts";
+import { inspect, listTags } from "../inspect.ts";
 import { formatReference, referenceFromRegistryUrl } from "../reference.ts";
 import { formatInspect, outputStream, writableFor } from "./output.ts";
 import { addMirrorFlag, mergeMirrors, type MirrorMap, mirrorHosts, parseMirrorsFile } from "../mirrors.ts";
@@ -72,7 +72,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     flags = parsed.values as Flags;
     positionals = parsed.positionals;
   } catch (error) {
-    io.stderr.write(`ocistage: ${(error as Error).message}\n${USAGE}`);
+    io.stderr.write(`ocistage: ${describeArgumentError(error as Error)}\n${USAGE}`);
     return 2;
   }
 
@@ -104,6 +104,32 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
   } finally {
     reporter.stop();
   }
+}
+
+/** Reword parseArgs's unknown-option message, suggesting the closest known option. */
+function describeArgumentError(error: Error): string {
+  const unknown = /^Unknown option '(-{1,2}[^']*)'/.exec(error.message);
+  if (!unknown) return error.message;
+  const given = unknown[1].replace(/^-+/, "");
+  const names = Object.keys(OPTIONS);
+  const closest = names
+    .map((name) => ({ name, distance: editDistance(given, name) }))
+    .sort((a, b) => a.distance - b.distance)[0];
+  const hint = closest && closest.distance <= 2 ? `did you mean --${closest.name}? ` : "";
+  return `unknown option "${unknown[1]}": ${hint}run "ocistage --help" for the options`;
+}
+
+/** Levenshtein distance between two short strings. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, i) => i);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    previous = current;
+  }
+  return previous[b.length];
 }
 
 const VERSION = "0.1.0";
@@ -145,6 +171,12 @@ async function dispatch(command: Command, operands: string[], flags: Flags, io: 
 
   if (flags["registry-url"]) throw new UsageError(`--registry-url applies to element files only; put the registry in the image reference "${input}"`);
   if (command === "export") return await runExport(input, flags, options, io, reporter);
+  if (command === "inspect" && flags.tags && !namesOneImage(input)) {
+    // Only the repository or layout is named, so list its tags without picking one.
+    const tags = await listTags(input, options);
+    io.stdout.write(flags.json ? JSON.stringify({ source: input, tags }) + "\n" : tags.map((tag) => `${tag}\n`).join(""));
+    return 0;
+  }
   if (command === "inspect") {
     const result = await inspect(input, { ...options, tags: flags.tags === true });
     io.stdout.write(flags.json ? JSON.stringify(result) + "\n" : formatInspect(result));
@@ -158,9 +190,22 @@ async function dispatch(command: Command, operands: string[], flags: Flags, io: 
     io.stdout.write(flags.json ? JSON.stringify(fetchJson(result)) + "\n" : `${result.digest}\n`);
   } else {
     const result = await stage(input, operands[1], options);
+    if (flags.json) io.stdout.write(JSON.stringify({ ...fetchJson(result), target: result.target }) + "\n");
     reporter.finish(`staged ${result.source} (${result.digest}) into ${operands[1]}`);
   }
   return 0;
+}
+
+/**
+ * Return true when `input` names one image: a registry reference with a tag
+ * or digest, or a local source with a name after the path. A bare
+ * repository or layout directory names a set of tags.
+ */
+function namesOneImage(input: string): boolean {
+  const local = /^(oci|docker-archive):(.*)$/.exec(input);
+  if (local) return local[2].includes(":");
+  const lastComponent = input.slice(input.lastIndexOf("/") + 1);
+  return lastComponent.includes(":") || lastComponent.includes("@");
 }
 
 /** Reject flags that the command does not use, naming the command that does. */
@@ -179,6 +224,11 @@ async function runExport(input: string, flags: Flags, options: FetchOptions, io:
   const output = flags.output === undefined || flags.output === "-" ? { stream: writableFor(io.stdout), commit: () => {} } : outputStream(flags.output);
   const result = await exportTar(input, output.stream, options);
   output.commit();
+  // With the archive on standard output, the JSON result goes to standard error.
+  if (flags.json) {
+    const sink = flags.output === undefined || flags.output === "-" ? io.stderr : io.stdout;
+    sink.write(JSON.stringify({ ...fetchJson(result), output: flags.output ?? "-", entries: result.entries }) + "\n");
+  }
   reporter.finish(`exported ${result.source} (${result.digest}): ${result.entries} entries to ${flags.output ?? "standard output"}`);
   return 0;
 }

@@ -127,14 +127,18 @@ type Missing = "create" | "require" | "lookup";
 
 /** Warning codes and the sentence each count goes into. */
 const WARNINGS: Record<string, (count: number) => string> = {
-  "device-dropped": (count) => `dropped ${count} character or block device entries`,
-  "fifo-dropped": (count) => `dropped ${count} FIFO entries`,
-  "dev-entry-dropped": (count) => `dropped ${count} entries below dev/`,
-  "hardlink-dropped": (count) => `dropped ${count} hardlinks to dropped entries`,
-  "aufs-metadata-dropped": (count) => `dropped ${count} aufs metadata entries (.wh..wh.*)`,
-  "xattr-ignored": (count) => `ignored the extended attributes of ${count} entries`,
-  "trailing-data": (count) => `ignored ${count} non-zero bytes after the end of the tar archive`,
+  "device-dropped": (count) => `dropped ${plural(count, "character or block device entry", "character or block device entries")}`,
+  "fifo-dropped": (count) => `dropped ${plural(count, "FIFO entry", "FIFO entries")}`,
+  "dev-entry-dropped": (count) => `dropped ${plural(count, "entry", "entries")} below dev/`,
+  "hardlink-dropped": (count) => `dropped ${plural(count, "hardlink", "hardlinks")} to dropped entries`,
+  "aufs-metadata-dropped": (count) => `dropped ${plural(count, "aufs metadata entry", "aufs metadata entries")} (.wh..wh.*)`,
+  "xattr-ignored": (count) => `ignored the extended attributes of ${plural(count, "entry", "entries")}`,
+  "trailing-data": (count) => `ignored ${plural(count, "non-zero byte", "non-zero bytes")} after the end of the tar archive`,
 };
+
+function plural(count: number, one: string, many: string): string {
+  return `${count} ${count === 1 ? one : many}`;
+}
 
 const OPEN_NEW = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL |
   (fs.constants.O_NOFOLLOW ?? 0);
