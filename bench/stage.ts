@@ -295,48 +295,60 @@ function contenders(context: Context, image: BuiltImage, layout: string, warmCac
 /** Results of one filesystem: every timing of every contender. */
 type Results = Map<string, Timing[]>;
 
-async function benchFilesystem(
-  context: Context,
-  image: BuiltImage,
-  filesystem: { name: string; dir: string },
-): Promise<{ results: Results; stoppedEarly: boolean }> {
-  const base = fs.mkdtempSync(path.join(filesystem.dir, "ocistage-bench-"));
-  const results: Results = new Map();
-  let stoppedEarly = false;
-  try {
-    // Untimed preparation: a layout for umoci alone and a full cache for ocistage warm.
-    const layout = path.join(base, "layout");
-    await timed("skopeo", ["copy", "--quiet", "--src-tls-verify=false", `docker://${reference(context, image)}`, `oci:${layout}:bench`]);
-    const warmCache = path.join(base, "warm-cache");
-    const [program, prefix] = ocistageCommand(context.options.runtimes[0], context.options, context.nodeBundle);
-    await timed(program, [...prefix, "fetch", "--quiet", "--cache", warmCache, reference(context, image)]);
+/** The timed loop's state on one filesystem. */
+interface Bed {
+  filesystem: { name: string; dir: string };
+  base: string;
+  scratch: string;
+  /** Where runs on disk leave their output until the end (see clearScratch). */
+  trash?: string;
+  contenders: Contender[];
+  results: Results;
+}
 
-    const list = contenders(context, image, layout, warmCache);
-    for (const contender of list) results.set(contender.name, []);
-    const scratch = path.join(base, "run");
-    const trash = filesystem.name === "disk" ? path.join(base, "trash") : undefined;
-    let runStarted = Date.now();
-    for (let run = 0; run < context.options.runs; run++) {
-      const lastRun = Date.now() - runStarted;
-      if (run > 0 && Date.now() + lastRun > context.options.deadline) {
-        stoppedEarly = true;
-        break;
-      }
-      runStarted = Date.now();
+/** Creates the working directory on one filesystem, with a layout for umoci alone and a full cache for ocistage warm (untimed). */
+async function prepareBed(context: Context, image: BuiltImage, filesystem: { name: string; dir: string }): Promise<Bed> {
+  const base = fs.mkdtempSync(path.join(filesystem.dir, "ocistage-bench-"));
+  const layout = path.join(base, "layout");
+  await timed("skopeo", ["copy", "--quiet", "--src-tls-verify=false", `docker://${reference(context, image)}`, `oci:${layout}:bench`]);
+  const warmCache = path.join(base, "warm-cache");
+  const [program, prefix] = ocistageCommand(context.options.runtimes[0], context.options, context.nodeBundle);
+  await timed(program, [...prefix, "fetch", "--quiet", "--cache", warmCache, reference(context, image)]);
+
+  const list = contenders(context, image, layout, warmCache);
+  return {
+    filesystem,
+    base,
+    scratch: path.join(base, "run"),
+    trash: filesystem.name === "disk" ? path.join(base, "trash") : undefined,
+    contenders: list,
+    results: new Map(list.map((contender) => [contender.name, []])),
+  };
+}
+
+/**
+ * Runs every contender on every filesystem once per run, alternating, and
+ * returns true when it stopped before `--runs` because of `--max-minutes`.
+ */
+async function runAlternating(context: Context, beds: Bed[]): Promise<boolean> {
+  let runStarted = Date.now();
+  for (let run = 0; run < context.options.runs; run++) {
+    const lastRun = Date.now() - runStarted;
+    if (run > 0 && Date.now() + lastRun > context.options.deadline) return true;
+    runStarted = Date.now();
+    for (const bed of beds) {
       // Rotate the order so that no contender always runs right after the same neighbour.
-      for (let i = 0; i < list.length; i++) {
-        const contender = list[(run + i) % list.length];
-        fs.mkdirSync(scratch);
-        const timing = await contender.run(scratch);
-        results.get(contender.name)!.push(timing);
-        await clearScratch(scratch, trash);
+      for (let i = 0; i < bed.contenders.length; i++) {
+        const contender = bed.contenders[(run + i) % bed.contenders.length];
+        fs.mkdirSync(bed.scratch);
+        const timing = await contender.run(bed.scratch);
+        bed.results.get(contender.name)!.push(timing);
+        await clearScratch(bed.scratch, bed.trash);
       }
-      process.stdout.write(`  ${filesystem.name} run ${run + 1}/${context.options.runs} done in ${((Date.now() - runStarted) / 1000).toFixed(0)} s\n`);
     }
-  } finally {
-    await cleanUp(base);
+    process.stdout.write(`  run ${run + 1}/${context.options.runs} done in ${((Date.now() - runStarted) / 1000).toFixed(0)} s\n`);
   }
-  return { results, stoppedEarly };
+  return false;
 }
 
 function formatSeconds(value: number): string {
@@ -483,13 +495,20 @@ async function main(): Promise<void> {
     }
     if (options.runtimes.includes("node")) context.nodeBundle = await bundleForNode();
 
-    const ratios: Record<string, number> = {};
-    for (const filesystem of options.filesystems) {
-      console.log(`\ntiming on ${filesystem.name} (${filesystem.dir})`);
-      const { results, stoppedEarly } = await benchFilesystem(context, stageImage, filesystem);
+    const beds: Bed[] = [];
+    try {
+      for (const filesystem of options.filesystems) beds.push(await prepareBed(context, stageImage, filesystem));
+      const names = options.filesystems.map((filesystem) => `${filesystem.name} (${filesystem.dir})`).join(" and ");
+      console.log(`\ntiming on ${names}, ${options.runs} runs`);
+      const stoppedEarly = await runAlternating(context, beds);
       if (stoppedEarly) console.log(`  stopped early: another run would pass --max-minutes`);
-      Object.assign(ratios, printResults(filesystem.name, results, options.runtimes));
-      report[filesystem.name] = Object.fromEntries(results);
+    } finally {
+      for (const bed of beds) await cleanUp(bed.base);
+    }
+    const ratios: Record<string, number> = {};
+    for (const bed of beds) {
+      Object.assign(ratios, printResults(bed.filesystem.name, bed.results, options.runtimes));
+      report[bed.filesystem.name] = Object.fromEntries(bed.results);
     }
     report.ratios = ratios;
 
