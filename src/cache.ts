@@ -30,7 +30,7 @@ export interface BlobDescriptor {
   platform?: { os: string; architecture: string; variant?: string };
 }
 
-/** Where a download resumes: the bytes already on disk and their running hash. */
+/** Resume point of a download: the bytes already on disk and their running hash. */
 export interface ResumePoint {
   offset: number;
   hash: Sha256;

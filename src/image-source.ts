@@ -291,7 +291,7 @@ export async function explainMissingTag(source: ImageSource, error: unknown): Pr
         { cause: error },
       );
     }
-    // The tag list is unavailable (some registries do not offer it), so the original error says more.
+    // The tag list is unavailable (some registries do not offer it), so the original error is the better report.
     throw error;
   }
   const shown = tags.slice(0, MAX_LISTED_TAGS).map((tag) => `"${tag}"`).join(", ");

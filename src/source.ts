@@ -124,7 +124,7 @@ export class DockerSource {
     return await stage(this.#reference(true), target, this.#pullOptions());
   }
 
-  /** The key that identifies the staged content: `[registry-url, image, digest]`. */
+  /** Return the key that identifies the staged content: `[registry-url, image, digest]`. */
   uniqueKey(): [string, string, string] {
     const digest = this.digest;
     if (!digest) {
