@@ -274,7 +274,7 @@ const MAX_LISTED_TAGS = 20;
  * Rethrow `error`, explained when it is a registry's 404 for a tag: an
  * {@link ImageNotFoundError} listing the tags the repository has, or, when
  * the tag list is a 404 too, one saying that the repository does not exist
- * (the distribution registry answers MANIFEST_UNKNOWN for both cases).
+ * (the distribution registry returns MANIFEST_UNKNOWN in both cases).
  */
 export async function explainMissingTag(source: ImageSource, error: unknown): Promise<never> {
   const reference = source.reference;
