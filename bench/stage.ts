@@ -2,7 +2,7 @@
  * Staging benchmark: ocistage against `skopeo copy` + `umoci raw unpack`,
  * on disk and on tmpfs, with a real distribution registry on 127.0.0.1.
  *
- *   deno task bench            (the same as: deno run -A bench/stage.ts)
+ *   npm run bench              (the same as: deno run -A bench/stage.ts)
  *   deno run -A bench/stage.ts --runs 3 --runtimes deno,bun,node
  *
  * What it does, all against 127.0.0.1 only:
@@ -187,9 +187,10 @@ async function cleanUp(dir: string): Promise<void> {
 /**
  * Clears the scratch directory between runs. On tmpfs it is removed. On disk
  * it is moved into `trash` and removed after the last run. The reason is
- * that ext4 without a journal (as on this machine) skips recently deleted
- * inodes when it allocates one, so after one run removed 40,000 files,
- * every create of the next run costs several times more.
+ * that ext4 without a journal (as on this machine) does not reuse inodes
+ * deleted in the last minute or more, and checks each one it skips. So
+ * after one run removed 40,000 files, every create of the next run costs
+ * several times more.
  */
 async function clearScratch(scratch: string, trash: string | undefined): Promise<void> {
   if (trash === undefined) {
@@ -242,7 +243,7 @@ function median(values: number[]): number {
   return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 }
 
-/** One competitor in the timed loop: runs once into `run` (an empty scratch directory). */
+/** One competitor in the timed loop; `run` stages the image once below `scratch`, an empty directory. */
 interface Contender {
   name: string;
   run(scratch: string): Promise<Timing>;
@@ -300,7 +301,7 @@ interface Bed {
   filesystem: { name: string; dir: string };
   base: string;
   scratch: string;
-  /** Where runs on disk leave their output until the end (see clearScratch). */
+  /** Directory that keeps the output of runs on disk until the end (see clearScratch). */
   trash?: string;
   contenders: Contender[];
   results: Results;
@@ -411,7 +412,9 @@ async function checkAgainstUmoci(context: Context, image: BuiltImage, dir: strin
     const expected = new Map<string, TreeEntry>();
     for (const [name, entry] of snapshotTree(`${base}/umoci`)) {
       if (name === "" || name.startsWith("dev/")) continue;
-      const mode = entry.type === "file" ? entry.mode | 0o400 : entry.type === "dir" ? entry.mode | 0o700 : entry.mode;
+      let mode = entry.mode;
+      if (entry.type === "file") mode |= 0o400;
+      if (entry.type === "dir") mode |= 0o700;
       expected.set(name, { ...entry, mode });
     }
     return diffTrees(ours, expected);
@@ -524,7 +527,7 @@ async function main(): Promise<void> {
     }
     if (bigImage) {
       const peaks = await measureMemory(context, bigImage, tmpfs);
-      console.log(`\npeak memory of a cold stage of the ${describeImage(bigImage)}, on ${tmpfs}:`);
+      console.log(`\npeak memory of a cold stage of the memory image, on ${tmpfs}:`);
       for (const [runtime, timing] of Object.entries(peaks)) {
         const rss = timing.rssMiB;
         console.log(`  ${runtime}: ${Number.isNaN(rss) ? "-" : rss.toFixed(0)} MiB peak RSS (target < 200, ${rss < 200 ? "met" : "NOT met"}), ${timing.seconds.toFixed(1)} s`);
