@@ -6,6 +6,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
+import * as path from "node:path";
+import { spawnSync } from "node:child_process";
 
 function readJson(name: string): Record<string, unknown> {
   return JSON.parse(fs.readFileSync(new URL(`../${name}`, import.meta.url), "utf8"));
@@ -60,4 +62,13 @@ test("test scripts cover three runtimes", () => {
   for (const command of ["npm test", "npm run test:bun", "npm run test:node"]) {
     assert.ok(ci.split("\n").includes(command), `.ci/run runs "${command}"`);
   }
+});
+
+test("deno task check runs the npm-installed Deno", () => {
+  // deno task runs a bare `deno` from node_modules/.bin as an npm bin script,
+  // which fails for the native binary that the deno package installs there.
+  const root = new URL("..", import.meta.url).pathname;
+  const result = spawnSync(path.join(root, "node_modules", ".bin", "deno"), ["task", "check"], { cwd: root, encoding: "utf8", env: { ...process.env, NO_COLOR: "1" } });
+  assert.equal(result.status, 0, `${result.stdout}\n${result.stderr}`);
+  assert.match(result.stderr, /Check .*cli\.ts/);
 });
