@@ -3,18 +3,12 @@ import assert from "node:assert/strict";
 
 import { compressionFromMagic, compressionFromMediaType, decompressStream } from "../src/layer/decompress.ts";
 import { LayerError } from "../src/errors.ts";
-import { buildTar, gzipBytes, streamOf, zstdBytes } from "./fixtures/tar.ts";
+import { buildTar, concat, gzipBytes, streamOf, zstdBytes } from "./fixtures/tar.ts";
 
 async function collect(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
   const parts: Uint8Array[] = [];
   for await (const chunk of stream) parts.push(chunk);
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
+  return concat(parts);
 }
 
 async function rejectsWithLayerError(promise: Promise<unknown>, pattern: RegExp): Promise<void> {

@@ -31,7 +31,7 @@ import { LayerApplier } from "../src/layer/apply.ts";
 import { decompressStream } from "../src/layer/decompress.ts";
 import { type Challenge, parseWwwAuthenticate } from "../src/registry/auth.ts";
 import { formatSeed, fuzzSettings, iterationSeed, Prng } from "./fixtures/prng.ts";
-import { buildEntry, buildGlobalHeader, buildTar, gzipBytes, streamOf, type TarEntrySpec } from "./fixtures/tar.ts";
+import { buildEntry, buildGlobalHeader, buildTar, concat, gzipBytes, streamOf, type TarEntrySpec } from "./fixtures/tar.ts";
 import { createWorkspace, snapshot, type Workspace } from "./fixtures/workspace.ts";
 
 const APPLIER_ITERATIONS = 800;
@@ -73,16 +73,6 @@ interface Context {
 interface SeedLayer {
   name: string;
   tar: Uint8Array;
-}
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
 }
 
 /** Names and link targets that try to escape the root or break the whiteout rules. */
