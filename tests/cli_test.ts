@@ -60,6 +60,7 @@ describe("usage errors exit with 2", () => {
     ["no command", [], /usage: ocistage/],
     ["unknown command", ["pull", "alpine"], /unknown command "pull": use one of track, fetch, stage, export, inspect, key/],
     ["unknown flag", ["track", "alpine", "--bogus"], /unknown option "--bogus"/],
+    ["key with --platform", ["key", "base.bst", "--platform", "linux/arm64"], /--platform does not apply to key/],
     ["misspelt flag", ["track", "alpine", "--platfrom", "linux/amd64"], /unknown option "--platfrom": did you mean --platform\?/],
     ["missing operand", ["stage", "alpine"], /"stage" takes IMAGE\|ELEMENT DIR, got 1 argument\(s\): see ocistage stage --help/],
     ["output on track", ["track", "alpine", "-o", "x"], /-o\/--output applies to export only/],

@@ -214,6 +214,12 @@ function checkCommandFlags(command: Command, flags: Flags, io: CliIo): void {
     throw new UsageError(`-o/--output applies to export only; "${command}" writes to standard output`);
   }
   if (flags.tags && command !== "inspect") throw new UsageError(`--tags applies to inspect only, not to "${command}"`);
+  if (command === "key") {
+    // The key comes from the element's own registry-url, image and ref.
+    for (const name of ["platform", "registry-url"] as const) {
+      if (flags[name] !== undefined) throw new UsageError(`--${name} does not apply to key, which reads only the element file`);
+    }
+  }
   const toStdout = flags.output === undefined || flags.output === "-";
   if (command === "export" && toStdout && io.stdout.isTTY) {
     throw new UsageError("export writes a tar archive, and standard output is a terminal: pass -o FILE or redirect it, as in > rootfs.tar");
