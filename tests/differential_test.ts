@@ -38,7 +38,9 @@ function expectedFromUmoci(tree: Map<string, TreeEntry>, special: Set<string>): 
     // The target directory keeps its own metadata: ocistage skips a layer's
     // "./" entry, where umoci applies it to the root.
     if (name === "" || name.startsWith("dev/") || special.has(name)) continue;
-    const mode = entry.type === "file" ? entry.mode | 0o400 : entry.type === "dir" ? entry.mode | 0o700 : entry.mode;
+    let mode = entry.mode;
+    if (entry.type === "file") mode |= 0o400;
+    if (entry.type === "dir") mode |= 0o700;
     expected.set(name, { ...entry, mode });
   }
   return expected;

@@ -239,7 +239,7 @@ async function runExport(input: string, flags: Flags, options: FetchOptions, io:
   return 0;
 }
 
-/** An operand names an element file when it ends in .bst/.yml/.yaml or is an existing regular file. */
+/** Return true when an operand names an element file: it ends in .bst/.yml/.yaml or is an existing regular file. */
 function isElementPath(input: string): boolean {
   if (/\.(bst|ya?ml)$/i.test(input)) return true;
   try {

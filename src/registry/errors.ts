@@ -108,7 +108,7 @@ export function parseRetryAfter(value: string | null, now = Date.now()): number 
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }
 
-/** What a request was for, so a failure message can name it and suggest a fix. */
+/** The purpose of a request (manifest, blob, tag list), so a failure message can name it and suggest a fix. */
 export interface RequestSubject {
   /** `host[:port]` as in references, such as `"docker.io"`. */
   registry?: string;
