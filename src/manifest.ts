@@ -9,7 +9,7 @@
  * @module
  */
 import { type Digest, parseDigest } from "./digest.ts";
-import { ManifestError, PlatformNotFoundError } from "./errors.ts";
+import { DigestMismatchError, ManifestError, PlatformNotFoundError } from "./errors.ts";
 import { formatPlatform, type Platform, rankPlatform } from "./reference.ts";
 
 /** Media types of manifests, indexes, configs and layers. */
@@ -430,4 +430,64 @@ export function selectManifest(index: ImageIndex, platform: Platform, source: st
     .filter((entry) => entry.platform !== undefined)
     .map((entry) => formatPlatform(entry.platform!));
   throw new PlatformNotFoundError(formatPlatform(platform), [...new Set(available)], source);
+}
+
+/** A manifest or index with the exact bytes it was read from. */
+export interface FetchedManifest {
+  bytes: Uint8Array;
+  mediaType: string;
+  digest: Digest;
+  manifest: ImageManifest | ImageIndex;
+}
+
+/** A single-platform manifest reached from a reference, through an index when there is one. */
+export interface ResolvedManifest {
+  /** Digest of the index the manifest was chosen from, when the reference named an index. */
+  indexDigest?: Digest;
+  digest: Digest;
+  manifest: ImageManifest;
+  bytes: Uint8Array;
+  mediaType: string;
+}
+
+/** Maximum number of nested indexes followed from a reference to a manifest. */
+export const MAX_INDEX_DEPTH = 3;
+
+/**
+ * Follow indexes from `top` to the manifest for `platform`, loading each
+ * chosen entry with `load`. `name` names the image in messages.
+ *
+ * @throws {ManifestError} when indexes nest deeper than {@link MAX_INDEX_DEPTH}.
+ * @throws {PlatformNotFoundError} when an index has no matching entry.
+ * @throws {DigestMismatchError} when a loaded manifest's size differs from its index entry.
+ */
+export async function resolveIndex(
+  top: FetchedManifest,
+  platform: Platform,
+  name: string,
+  load: (entry: Descriptor) => Promise<FetchedManifest>,
+): Promise<ResolvedManifest> {
+  let current = top;
+  for (let depth = 0; isImageIndex(current.manifest); depth++) {
+    const source = `${name}@${current.digest}`;
+    if (depth === MAX_INDEX_DEPTH) {
+      throw new ManifestError(`index "${source}" nests more than ${MAX_INDEX_DEPTH} indexes: check the image`, source);
+    }
+    const entry = selectManifest(current.manifest, platform, source);
+    current = await load(entry);
+    if (current.bytes.byteLength !== entry.size) {
+      throw new DigestMismatchError(
+        `manifest ${entry.digest} for ${formatPlatform(platform)} has ${current.bytes.byteLength} bytes, ` +
+          `but index "${source}" states ${entry.size}: the index is corrupt; re-push the image`,
+        entry.digest,
+      );
+    }
+  }
+  return {
+    indexDigest: current === top ? undefined : top.digest,
+    digest: current.digest,
+    manifest: current.manifest as ImageManifest,
+    bytes: current.bytes,
+    mediaType: current.mediaType,
+  };
 }

@@ -28,16 +28,17 @@ import {
   foreignLayerUrls,
   type ImageIndex,
   type ImageManifest,
-  isImageIndex,
   MANIFEST_ACCEPT,
   MAX_MANIFEST_BYTES,
   parseManifest,
+  type FetchedManifest,
+  type ResolvedManifest,
+  resolveIndex,
   selectManifest,
 } from "../manifest.ts";
 import { type Mirror, type MirrorMap, mirrorHosts, mirrorsFor } from "../mirrors.ts";
 import type { EventHandler } from "../progress.ts";
 import {
-  formatPlatform,
   type ImageReference,
   type Platform,
   registryBaseUrl,
@@ -102,23 +103,7 @@ export interface RegistryClientOptions {
   mirrors?: MirrorMap;
 }
 
-/** A manifest or index as fetched: exact bytes, their digest and the parsed document. */
-export interface FetchedManifest {
-  bytes: Uint8Array;
-  mediaType: string;
-  digest: Digest;
-  manifest: ImageManifest | ImageIndex;
-}
-
-/** A single-platform manifest reached from a reference, through an index when there is one. */
-export interface ResolvedManifest {
-  /** Digest of the index the manifest was chosen from, when the reference named an index. */
-  indexDigest?: Digest;
-  digest: Digest;
-  manifest: ImageManifest;
-  bytes: Uint8Array;
-  mediaType: string;
-}
+export type { FetchedManifest, ResolvedManifest } from "../manifest.ts";
 
 /** Options of {@link RegistryClient.openBlob}. */
 export interface OpenBlobOptions {
@@ -159,7 +144,6 @@ interface Endpoint {
 }
 
 const MAX_REDIRECTS = 10;
-const MAX_INDEX_DEPTH = 3;
 const MAX_TAG_PAGES = 100;
 const DEFAULT_BLOB_LIMIT = 4 * 1024 * 1024;
 /** Retries per request to a mirror, kept low so a dead mirror delays a pull only briefly. */
@@ -247,7 +231,7 @@ export class RegistryClient {
     return await this.getManifestFrom(endpoints[endpoints.length - 1], reference, signal);
   }
 
-  /** Whether a reference's registry has mirrors. */
+  /** Return true when a reference's registry has mirrors. */
   hasMirrors(ref: ImageReference): boolean {
     return mirrorsFor(this.options.mirrors, ref.registry).length > 0;
   }
@@ -360,35 +344,7 @@ export class RegistryClient {
     signal?: AbortSignal,
   ): Promise<ResolvedManifest> {
     const top = await this.getManifest(ref, undefined, signal);
-    let current = top;
-    for (let depth = 0; isImageIndex(current.manifest); depth++) {
-      const source = `${ref.registry}/${ref.repository}@${current.digest}`;
-      if (depth === MAX_INDEX_DEPTH) {
-        throw new ManifestError(
-          `index "${source}" nests more than ${MAX_INDEX_DEPTH} indexes: check the image`,
-          source,
-        );
-      }
-      const entry = selectManifest(current.manifest, platform, source);
-      current = await this.getManifest(ref, entry.digest, signal);
-      if (current.bytes.byteLength !== entry.size) {
-        throw new DigestMismatchError(
-          `manifest ${entry.digest} for ${
-            formatPlatform(platform)
-          } has ${current.bytes.byteLength} ` +
-            `bytes, but index "${source}" states ${entry.size}: the index is corrupt; re-push the image`,
-          entry.digest,
-        );
-      }
-    }
-
-    return {
-      indexDigest: current === top ? undefined : top.digest,
-      digest: current.digest,
-      manifest: current.manifest as ImageManifest,
-      bytes: current.bytes,
-      mediaType: current.mediaType,
-    };
+    return await resolveIndex(top, platform, `${ref.registry}/${ref.repository}`, (entry) => this.getManifest(ref, entry.digest, signal));
   }
 
   /** List a repository's tags, following `Link` pagination. */

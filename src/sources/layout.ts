@@ -22,7 +22,7 @@ import {
   isImageIndex,
   MediaType,
   parseManifest,
-  selectManifest,
+  resolveIndex,
 } from "../manifest.ts";
 import type { Platform } from "../reference.ts";
 import type { FetchedManifest, ResolvedManifest } from "../registry/client.ts";
@@ -39,7 +39,6 @@ import {
 /** The annotation that names an `index.json` entry. */
 export const REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name";
 
-const MAX_INDEX_DEPTH = 3;
 
 /** Access to the files of a layout, wherever they are stored. */
 export interface LayoutFiles {
@@ -185,22 +184,7 @@ export class LayoutSource implements ImageSource {
   }
 
   async resolve(platform: Platform): Promise<ResolvedManifest> {
-    const top = await this.top();
-    let current = top;
-    for (let depth = 0; isImageIndex(current.manifest); depth++) {
-      const source = `${this.name}@${current.digest}`;
-      if (depth === MAX_INDEX_DEPTH) {
-        throw new ManifestError(`index "${source}" nests more than ${MAX_INDEX_DEPTH} indexes: check the image`, source);
-      }
-      current = await this.loadDocument(selectManifest(current.manifest, platform, source));
-    }
-    return {
-      indexDigest: current === top ? undefined : top.digest,
-      digest: current.digest,
-      manifest: current.manifest as ImageManifest,
-      bytes: current.bytes,
-      mediaType: current.mediaType,
-    };
+    return await resolveIndex(await this.top(), platform, this.name, (entry) => this.loadDocument(entry));
   }
 
   /** Read, verify and parse the manifest or index a descriptor points to. */
