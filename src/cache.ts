@@ -8,8 +8,8 @@
  * blob under its final name. Every download writes its own file,
  * `ingest/<hex>.<pid>.<random>.partial`, so two processes never write one
  * file. A download that fails, or whose process is killed, leaves that file
- * behind; the next fetch of the blob claims it by renaming it to a name of
- * its own (only one claimant's rename succeeds) and resumes from its end. A
+ * behind. The next fetch of the blob claims it by renaming it to a name of
+ * its own, which only one claimant can do, and resumes from its end. A
  * file is claimable when its process is gone, or when it belongs to this
  * process and no download in it is using the file.
  *

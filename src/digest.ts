@@ -37,7 +37,7 @@ export function isDigest(value: string): value is Digest {
   return SHA256_DIGEST.test(value);
 }
 
-/** Which sha256 implementation to use: `auto` picks `native` when `node:crypto` loads. */
+/** The sha256 implementation: `auto` picks `native` when `node:crypto` loads. */
 export type HasherBackend = "auto" | "native" | "wasm";
 
 /** An incremental sha256 computation. */
@@ -100,7 +100,7 @@ export async function sha256Of(data: Uint8Array, backend: HasherBackend = "auto"
   return hash.digest();
 }
 
-/** What a verifying stream checks at its end. */
+/** The size and digest a verifying stream checks at its end. */
 export interface VerifyExpectation {
   /** The digest the content must have. */
   digest: Digest;
