@@ -7,6 +7,10 @@
 //                     from a URL (Deno). It inlines the npm packages, so only
 //                     `node:` built-ins remain imports.
 //
+// Each carries the layer decoder's worker (src/layer/decode-worker.ts) as
+// text, bundled self-contained like dist/ocistage.js, and starts it from a
+// blob URL on Deno. So no bundle needs a second file next to it.
+//
 // Usage: node scripts/build.mjs [--outdir DIR] (npm run build; the default
 // DIR is dist/). Runs on Node, Deno and Bun.
 import * as fs from "node:fs";
@@ -31,6 +35,17 @@ const common = {
 };
 
 fs.rmSync(outdir, { recursive: true, force: true });
+
+// The worker first, so that every bundle below can carry its text.
+const worker = await esbuild.build({
+  ...common,
+  entryPoints: ["src/layer/decode-worker.ts"],
+  platform: "neutral",
+  mainFields: ["module", "main"],
+  external: ["node:*"],
+  write: false,
+});
+common.define = { OCISTAGE_DECODE_WORKER: JSON.stringify(worker.outputFiles[0].text) };
 
 await esbuild.build({
   ...common,

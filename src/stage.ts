@@ -18,7 +18,7 @@ import { chainCredentials, credentialsExcept, dockerConfigCredentials, environme
 import { mirrorHosts } from "./mirrors.ts";
 import { explainMissingTag, type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
 import { LayerApplier } from "./layer/apply.ts";
-import { compressionFromMediaType, decompressStream } from "./layer/decompress.ts";
+import { compressionFromMediaType, DecoderWorkers, decompressStream } from "./layer/decompress.ts";
 
 /** Options shared by {@link track}, {@link fetchImage} and {@link stage}. */
 export interface PullOptions extends RegistryClientOptions {
@@ -172,12 +172,13 @@ export async function fetchImage(image: string | ImageReference, options: FetchO
  */
 export async function stage(image: string | ImageReference, target: string, options: StageOptions = {}): Promise<StageResult> {
   const created = prepareTarget(target);
+  const workers = new DecoderWorkers();
   try {
     const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
     const result = await pull(image, options, async (cache, layer, index, count) => {
       const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
       const blob = await cache.openBlob(layer.digest, layer.size);
-      const tar = decompressStream(blob, compression);
+      const tar = decompressStream(blob, compression, { workers });
       await applier.applyLayer(tar, { digest: layer.digest, index });
       options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
     });
@@ -188,6 +189,8 @@ export async function stage(image: string | ImageReference, target: string, opti
     // which needs an empty target: remove what this call wrote.
     clearTarget(target, created);
     throw error;
+  } finally {
+    workers.close();
   }
 }
 

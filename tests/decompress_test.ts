@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { compressionFromMagic, compressionFromMediaType, decompressStream } from "../src/layer/decompress.ts";
+import { compressionFromMagic, compressionFromMediaType, DecoderWorkers, decompressStream } from "../src/layer/decompress.ts";
 import { LayerError } from "../src/errors.ts";
 import { buildTar, concat, gzipBytes, streamOf, zstdBytes } from "./fixtures/tar.ts";
 
@@ -157,5 +157,88 @@ test("decompressStream passes input errors through unchanged", async () => {
       },
     });
     await assert.rejects(collect(decompressStream(input, compression)), (error) => error === failure, compression);
+  }
+});
+
+// The worker path runs where the runtime has a web Worker (Deno, Bun); on
+// Node, `worker: true` decodes in the thread and the same results hold.
+const hasWorker = typeof globalThis.Worker === "function";
+
+/** Reads a stream slowly, so that the worker has to wait for credits. */
+async function collectSlowly(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
+  const parts: Uint8Array[] = [];
+  for await (const chunk of stream) {
+    parts.push(chunk);
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+  return concat(parts);
+}
+
+for (const worker of [false, true]) {
+  const options = { worker };
+
+  test(`decompressStream with worker ${worker} decodes gzip, gzip members and zstd`, async () => {
+    assert.deepEqual(await collect(decompressStream(streamOf(gzipBytes(tar), 333), "gzip", options)), tar);
+    const joined = concat([gzipBytes(tar.subarray(0, 1024)), gzipBytes(tar.subarray(1024))]);
+    assert.deepEqual(await collect(decompressStream(streamOf(joined, 4096), "gzip", options)), tar);
+    assert.deepEqual(await collect(decompressStream(streamOf(zstdBytes(tar), 777), "auto", options)), tar);
+  });
+
+  test(`decompressStream with worker ${worker} keeps order and bytes across many output batches`, async () => {
+    // 5 MiB of varied bytes: several 1 MiB batches, a short last one, and a slow reader.
+    const big = new Uint8Array(5 * 1024 * 1024 + 12345).map((_, i) => (i * 2654435761) >>> 24);
+    assert.deepEqual(await collectSlowly(decompressStream(streamOf(gzipBytes(big), 65536), "gzip", options)), big);
+  });
+
+  test(`decompressStream with worker ${worker} rejects corrupt gzip as a LayerError`, async () => {
+    const gz = gzipBytes(tar).slice();
+    for (let i = 100; i < 200; i++) gz[i] ^= 0x5a;
+    await rejectsWithLayerError(collect(decompressStream(streamOf(gz, 512), "gzip", options)), /gzip decompression of the layer failed/);
+  });
+
+  test(`decompressStream with worker ${worker} passes input errors through and cancels input`, async () => {
+    const failure = new TypeError("network lost");
+    const failing = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(gzipBytes(tar).subarray(0, 1024));
+      },
+      pull(controller) {
+        controller.error(failure);
+      },
+    });
+    await assert.rejects(collect(decompressStream(failing, "gzip", options)), (error) => error === failure);
+
+    let cancelled: unknown;
+    const member = gzipBytes(tar);
+    const endless = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        controller.enqueue(member);
+      },
+      cancel(reason) {
+        cancelled = reason;
+      },
+    });
+    const reader = decompressStream(endless, "gzip", options).getReader();
+    await reader.read();
+    await reader.cancel("stop");
+    assert.equal(cancelled, "stop");
+  });
+}
+
+test("DecoderWorkers gives one worker to streams in turn, and a failed stream's worker is not reused", async () => {
+  const workers = new DecoderWorkers();
+  try {
+    for (let i = 0; i < 3; i++) {
+      assert.deepEqual(await collect(decompressStream(streamOf(gzipBytes(tar), 1000), "gzip", { worker: true, workers })), tar);
+    }
+    assert.equal(workers.started, hasWorker ? 1 : 0);
+
+    const gz = gzipBytes(tar).slice();
+    for (let i = 100; i < 200; i++) gz[i] ^= 0x5a;
+    await rejectsWithLayerError(collect(decompressStream(streamOf(gz), "gzip", { worker: true, workers })), /gzip decompression/);
+    assert.deepEqual(await collect(decompressStream(streamOf(zstdBytes(tar)), "zstd", { worker: true, workers })), tar);
+    assert.equal(workers.started, hasWorker ? 2 : 0);
+  } finally {
+    workers.close();
   }
 });

@@ -20,6 +20,7 @@ import * as zlib from "node:zlib";
 import { Decompress as ZstdDecompress } from "fzstd";
 
 import { LayerError } from "../errors.ts";
+import type { FromWorker, ToWorker } from "./decode-worker.ts";
 
 /** Compression of a layer blob. */
 export type Compression = "gzip" | "zstd" | "none";
@@ -56,6 +57,61 @@ export function compressionFromMediaType(mediaType: string): Compression | undef
   return undefined;
 }
 
+/** Options of {@linkcode decompressStream}. */
+export interface DecompressOptions {
+  /**
+   * Decode gzip and zstd in a web `Worker`, so that the consumer of the
+   * stream runs while the next chunks are decoded. Default: true on Deno,
+   * whose `node:zlib` decodes on the calling thread, and false elsewhere:
+   * Node and Bun already decode on their thread pool, and Node has no web
+   * `Worker`. Where there is no `Worker`, true decodes in the thread.
+   */
+  worker?: boolean;
+  /**
+   * Workers to take a decoder from and give it back to when the stream has
+   * ended, so that the layers of one image share one worker. Without it,
+   * each stream starts its own worker and ends it.
+   */
+  workers?: DecoderWorkers;
+}
+
+/**
+ * Decoder workers kept between the layers of one image, because starting
+ * one takes tens of milliseconds. An idle worker keeps a Deno process
+ * running, so the owner calls {@linkcode DecoderWorkers.close} when done.
+ */
+export class DecoderWorkers {
+  #idle: Worker[] = [];
+  #closed = false;
+  #started = 0;
+
+  /** Number of workers started so far. */
+  get started(): number {
+    return this.#started;
+  }
+
+  /** Returns an idle worker, or a new one. */
+  take(): Worker {
+    const idle = this.#idle.pop();
+    if (idle !== undefined) return idle;
+    this.#started++;
+    return startWorker();
+  }
+
+  /** Keeps a worker that finished a stream cleanly for the next stream, or ends it after close(). */
+  release(worker: Worker): void {
+    if (this.#closed) worker.terminate();
+    else this.#idle.push(worker);
+  }
+
+  /** Ends every idle worker; workers still decoding end with their streams. */
+  close(): void {
+    this.#closed = true;
+    for (const worker of this.#idle) worker.terminate();
+    this.#idle = [];
+  }
+}
+
 /** Returns the compression that the first bytes of a blob show, or "none". */
 export function compressionFromMagic(head: Uint8Array): Compression {
   if (startsWith(head, GZIP_MAGIC)) return "gzip";
@@ -75,6 +131,9 @@ export function compressionFromMagic(head: Uint8Array): Compression {
  * A corrupt compressed stream fails the returned stream with a `LayerError`.
  * Cancelling the returned stream cancels `input`.
  *
+ * On Deno, gzip and zstd are decoded in a worker by default (see
+ * {@linkcode DecompressOptions.worker}).
+ *
  * @example
  * ```ts
  * const tar = decompressStream(blob, compressionFromMediaType(descriptor.mediaType) ?? "auto");
@@ -83,7 +142,9 @@ export function compressionFromMagic(head: Uint8Array): Compression {
 export function decompressStream(
   input: ReadableStream<Uint8Array>,
   compression: Compression | "auto",
+  options: DecompressOptions = {},
 ): ReadableStream<Uint8Array> {
+  const useWorker = options.worker ?? defaultWorker();
   const inputReader = input.getReader();
   let output: ReadableStreamDefaultReader<Uint8Array> | undefined;
   let actual: Compression = "none";
@@ -95,7 +156,9 @@ export function decompressStream(
         if (output === undefined) {
           const head = await peek(inputReader, failure);
           actual = chooseCompression(head, compression);
-          output = decoded(prefixed(head, inputReader, failure), actual).getReader();
+          const source = prefixed(head, inputReader, failure);
+          output = (actual !== "none" && useWorker ? decodeInWorker(source, actual, options.workers) : decodeInThread(source, actual))
+            .getReader();
         }
         const { done, value } = await output.read();
         if (done) controller.close();
@@ -205,7 +268,11 @@ function prefixed(
   }, { highWaterMark: 0 });
 }
 
-function decoded(source: ReadableStream<Uint8Array>, compression: Compression): ReadableStream<Uint8Array> {
+/**
+ * Decodes on the calling thread. Exported for the decoder worker; callers
+ * use {@linkcode decompressStream}.
+ */
+export function decodeInThread(source: ReadableStream<Uint8Array>, compression: Compression): ReadableStream<Uint8Array> {
   switch (compression) {
     case "none":
       return source;
@@ -304,4 +371,142 @@ function fzstdTransform(): TransformStream<Uint8Array, Uint8Array> {
       decoder.push(new Uint8Array(0), true);
     },
   });
+}
+
+function defaultWorker(): boolean {
+  return "Deno" in globalThis && typeof globalThis.Worker === "function";
+}
+
+/**
+ * The decoder worker's code as text. The bundles in dist/ carry it, because
+ * they may be loaded from a URL or from a package without src/.
+ * scripts/build.mjs defines it. From source it is undefined.
+ */
+declare const OCISTAGE_DECODE_WORKER: string | undefined;
+
+let workerUrl: string | undefined;
+
+/** Starts a decoder worker from the bundled text, or from src/layer/decode-worker.ts. */
+function startWorker(): Worker {
+  if (workerUrl === undefined) {
+    workerUrl = typeof OCISTAGE_DECODE_WORKER === "string"
+      ? URL.createObjectURL(new Blob([OCISTAGE_DECODE_WORKER], { type: "text/javascript" }))
+      : new URL("./decode-worker.ts", import.meta.url).href;
+  }
+  return new Worker(workerUrl, { type: "module" });
+}
+
+/** Output chunks the worker may send ahead of the consumer, and input chunks it requests ahead. */
+const WORKER_CREDITS = 4;
+const WORKER_INPUT_WINDOW = 2;
+
+/**
+ * Decodes `source` in a decoder worker (src/layer/decode-worker.ts), with
+ * flow control both ways: the worker requests each input chunk, and sends
+ * at most {@linkcode WORKER_CREDITS} output chunks that the consumer has not
+ * taken. The worker ends with the stream.
+ */
+function decodeInWorker(
+  source: ReadableStream<Uint8Array>,
+  compression: Exclude<Compression, "none">,
+  workers: DecoderWorkers | undefined,
+): ReadableStream<Uint8Array> {
+  if (typeof globalThis.Worker !== "function") return decodeInThread(source, compression);
+
+  const reader = source.getReader();
+  const worker = workers?.take() ?? startWorker();
+  const post = (message: ToWorker, transfer: Transferable[] = []) => worker.postMessage(message, transfer);
+  const outputs: Uint8Array[] = [];
+  let finished = false;
+  let failure: { error: unknown } | undefined;
+  let wake: (() => void) | undefined;
+  const notify = () => {
+    const resolve = wake;
+    wake = undefined;
+    resolve?.();
+  };
+
+  // Input goes to the worker one chunk per request, in order.
+  let requested = 0;
+  let pumping = false;
+  let inputDone = false;
+  const pump = async () => {
+    if (pumping) return;
+    pumping = true;
+    try {
+      while (requested > 0 && !inputDone) {
+        requested--;
+        const { done, value } = await reader.read();
+        if (done) {
+          inputDone = true;
+          post({ type: "end" });
+          return;
+        }
+        // The copy keeps the caller's chunk usable when the worker takes the buffer.
+        const chunk = value.slice().buffer;
+        post({ type: "input", chunk }, [chunk]);
+      }
+    } catch (error) {
+      failure ??= { error };
+      notify();
+    } finally {
+      pumping = false;
+    }
+  };
+
+  worker.onmessage = (event: MessageEvent<FromWorker>) => {
+    const message = event.data;
+    switch (message.type) {
+      case "more":
+        requested++;
+        void pump();
+        return;
+      case "output":
+        outputs.push(new Uint8Array(message.chunk));
+        break;
+      case "done":
+        finished = true;
+        break;
+      case "error":
+        failure ??= { error: new Error(message.message) };
+        break;
+    }
+    notify();
+  };
+  worker.onerror = (event: ErrorEvent) => {
+    event.preventDefault();
+    failure ??= { error: new Error(`the decoder worker failed: ${event.message}`) };
+    notify();
+  };
+
+  return new ReadableStream<Uint8Array>({
+    start() {
+      post({ type: "start", compression, credits: WORKER_CREDITS, inputWindow: WORKER_INPUT_WINDOW });
+    },
+    async pull(controller) {
+      for (;;) {
+        const chunk = outputs.shift();
+        if (chunk !== undefined) {
+          controller.enqueue(chunk);
+          post({ type: "credit" });
+          return;
+        }
+        if (failure !== undefined) {
+          worker.terminate();
+          throw failure.error;
+        }
+        if (finished) {
+          if (workers) workers.release(worker);
+          else worker.terminate();
+          controller.close();
+          return;
+        }
+        await new Promise<void>((resolve) => (wake = resolve));
+      }
+    },
+    cancel(reason) {
+      worker.terminate();
+      return reader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
 }
