@@ -44,6 +44,44 @@ export interface ResumePoint {
  */
 export type BlobProducer = (resume: ResumePoint) => Promise<ReadableStream<Uint8Array>> | ReadableStream<Uint8Array>;
 
+/**
+ * Returns a stream of an open file in 1 MiB chunks that hashes them as they
+ * pass, closes the file at its end and then calls `onEnd` with the byte
+ * count and digest. An error thrown by `onEnd` fails the stream.
+ */
+export function hashedFileStream(
+  handle: fs.promises.FileHandle,
+  hasher: HasherBackend,
+  onEnd: (received: number, actual: Digest) => void,
+): ReadableStream<Uint8Array> {
+  let hash: Sha256;
+  let received = 0;
+  const chunkSize = 1 << 20;
+  return new ReadableStream<Uint8Array>({
+    type: "bytes",
+    start: async () => {
+      hash = await createSha256(hasher);
+    },
+    pull: async (controller) => {
+      const buffer = new Uint8Array(chunkSize);
+      const { bytesRead } = await handle.read(buffer, 0, chunkSize, null);
+      if (bytesRead === 0) {
+        await handle.close();
+        onEnd(received, hash.digest());
+        controller.close();
+        return;
+      }
+      const chunk = buffer.subarray(0, bytesRead);
+      received += bytesRead;
+      hash.update(chunk);
+      controller.enqueue(chunk);
+    },
+    cancel: async () => {
+      await handle.close();
+    },
+  });
+}
+
 /** Return the default cache directory: `$OCISTAGE_CACHE`, `$XDG_CACHE_HOME/ocistage` or `~/.cache/ocistage`. */
 export function defaultCacheDir(): string {
   const env = globalThis.process?.env ?? {};
@@ -123,34 +161,17 @@ export class BlobCache {
   async openBlob(digest: Digest, size?: number): Promise<ReadableStream<Uint8Array>> {
     const file = this.blobPath(digest);
     const handle = await fs.promises.open(file, "r");
-    const hash = await createSha256(this.#hasher);
-    let received = 0;
-    const chunkSize = 1 << 20;
-    return new ReadableStream<Uint8Array>({
-      type: "bytes",
-      pull: async (controller) => {
-        const buffer = new Uint8Array(chunkSize);
-        const { bytesRead } = await handle.read(buffer, 0, chunkSize, null);
-        if (bytesRead === 0) {
-          await handle.close();
-          try {
-            this.#checkOrEvict(file, { digest, size, label: "cached blob" }, received, hash.digest());
-          } catch (error) {
-            controller.error(error);
-            return;
-          }
-          controller.close();
-          return;
-        }
-        const chunk = buffer.subarray(0, bytesRead);
-        received += bytesRead;
-        hash.update(chunk);
-        controller.enqueue(chunk);
-      },
-      cancel: async () => {
-        await handle.close();
-      },
-    });
+    return hashedFileStream(handle, this.#hasher, (received, actual) => this.checkStored(digest, size, received, actual));
+  }
+
+  /**
+   * Check the size and digest that a read of a stored blob found. A corrupt
+   * file is removed from the cache, so the next fetch downloads it again.
+   *
+   * @throws {DigestMismatchError} when they differ from `digest` and `size`.
+   */
+  checkStored(digest: Digest, size: number | undefined, received: number, actual: Digest): void {
+    this.#checkOrEvict(this.blobPath(digest), { digest, size, label: "cached blob" }, received, actual);
   }
 
   #checkOrEvict(file: string, expect: { digest: Digest; size?: number; label: string }, received: number, actual: Digest): void {

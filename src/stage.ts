@@ -18,7 +18,7 @@ import { chainCredentials, credentialsExcept, dockerConfigCredentials, environme
 import { mirrorHosts } from "./mirrors.ts";
 import { explainMissingTag, type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
 import { LayerApplier } from "./layer/apply.ts";
-import { compressionFromMediaType, DecoderWorkers, decompressStream } from "./layer/decompress.ts";
+import { compressionFromMediaType, DecoderWorkers, decompressBlobFile } from "./layer/decompress.ts";
 
 /** Options shared by {@link track}, {@link fetchImage} and {@link stage}. */
 export interface PullOptions extends RegistryClientOptions {
@@ -44,6 +44,14 @@ export interface FetchOptions extends PullOptions {
 export interface StageOptions extends FetchOptions {
   /** Apply file owners from the layers. Default: true when running as root. */
   owners?: boolean;
+  /**
+   * Read, hash and decompress each layer in a worker thread while the
+   * layer's files are written, on runtimes with a web `Worker` (Deno, Bun).
+   * On Deno this stages about 20% faster, but peak memory grows by up to
+   * about 90 MiB (bench/README.md). Bun and Node gain nothing, because they
+   * decompress on their thread pool already. Default false.
+   */
+  decodeWorker?: boolean;
 }
 
 /** The outcome of {@link track}. */
@@ -177,8 +185,13 @@ export async function stage(image: string | ImageReference, target: string, opti
     const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
     const result = await pull(image, options, async (cache, layer, index, count) => {
       const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
-      const blob = await cache.openBlob(layer.digest, layer.size);
-      const tar = decompressStream(blob, compression, { workers });
+      const tar = decompressBlobFile(cache.blobPath(layer.digest), compression, {
+        hasher: options.hasher,
+        onEnd: (received, actual) => cache.checkStored(layer.digest, layer.size, received, actual),
+        worker: options.decodeWorker,
+        workers,
+        reuseChunks: true,
+      });
       await applier.applyLayer(tar, { digest: layer.digest, index });
       options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
     });

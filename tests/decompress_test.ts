@@ -1,7 +1,12 @@
-import { test } from "node:test";
+import { after, test } from "node:test";
 import assert from "node:assert/strict";
 
-import { compressionFromMagic, compressionFromMediaType, DecoderWorkers, decompressStream } from "../src/layer/decompress.ts";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+
+import { compressionFromMagic, compressionFromMediaType, DecoderWorkers, decompressBlobFile, decompressStream } from "../src/layer/decompress.ts";
+import { sha256Of } from "../src/digest.ts";
 import { LayerError } from "../src/errors.ts";
 import { buildTar, concat, gzipBytes, streamOf, zstdBytes } from "./fixtures/tar.ts";
 
@@ -161,82 +166,86 @@ test("decompressStream passes input errors through unchanged", async () => {
 });
 
 // The worker path runs where the runtime has a web Worker (Deno, Bun); on
-// Node, `worker: true` decodes in the thread and the same results hold.
+// Node, `worker: true` reads in the thread and the same results hold.
 const hasWorker = typeof globalThis.Worker === "function";
 
 /** Reads a stream slowly, so that the worker has to wait for credits. */
 async function collectSlowly(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
   const parts: Uint8Array[] = [];
   for await (const chunk of stream) {
-    parts.push(chunk);
+    parts.push(chunk.slice());
     await new Promise((resolve) => setTimeout(resolve, 1));
   }
   return concat(parts);
 }
 
-for (const worker of [false, true]) {
-  const options = { worker };
+const blobDir = fs.mkdtempSync(path.join(os.tmpdir(), "ocistage-decompress-"));
+let blobCount = 0;
+after(() => fs.rmSync(blobDir, { recursive: true, force: true }));
 
-  test(`decompressStream with worker ${worker} decodes gzip, gzip members and zstd`, async () => {
-    assert.deepEqual(await collect(decompressStream(streamOf(gzipBytes(tar), 333), "gzip", options)), tar);
-    const joined = concat([gzipBytes(tar.subarray(0, 1024)), gzipBytes(tar.subarray(1024))]);
-    assert.deepEqual(await collect(decompressStream(streamOf(joined, 4096), "gzip", options)), tar);
-    assert.deepEqual(await collect(decompressStream(streamOf(zstdBytes(tar), 777), "auto", options)), tar);
+/** Writes `bytes` to a new file in a temporary directory and returns its path. */
+function blobFile(bytes: Uint8Array): string {
+  const file = path.join(blobDir, `blob-${blobCount++}`);
+  fs.writeFileSync(file, bytes);
+  return file;
+}
+
+for (const worker of [false, true]) {
+  test(`decompressBlobFile with worker ${worker} decodes and reports size and digest`, async () => {
+    for (const [compression, bytes] of [["gzip", gzipBytes(tar)], ["zstd", zstdBytes(tar)], ["auto", tar]] as const) {
+      const file = blobFile(bytes);
+      let end: [number, string] | undefined;
+      const out = await collect(decompressBlobFile(file, compression, { worker, onEnd: (received, actual) => (end = [received, actual]) }));
+      assert.deepEqual(out, tar, compression);
+      assert.deepEqual(end, [bytes.length, await sha256Of(bytes)], compression);
+    }
   });
 
-  test(`decompressStream with worker ${worker} keeps order and bytes across many output batches`, async () => {
+  test(`decompressBlobFile with worker ${worker} keeps bytes in order across batches`, async () => {
     // 5 MiB of varied bytes: several 1 MiB batches, a short last one, and a slow reader.
     const big = new Uint8Array(5 * 1024 * 1024 + 12345).map((_, i) => (i * 2654435761) >>> 24);
-    assert.deepEqual(await collectSlowly(decompressStream(streamOf(gzipBytes(big), 65536), "gzip", options)), big);
+    const file = blobFile(gzipBytes(big));
+    assert.deepEqual(await collectSlowly(decompressBlobFile(file, "gzip", { worker, reuseChunks: true })), big);
   });
 
-  test(`decompressStream with worker ${worker} rejects corrupt gzip as a LayerError`, async () => {
+  test(`decompressBlobFile with worker ${worker} fails on corrupt data, onEnd and a missing file`, async () => {
     const gz = gzipBytes(tar).slice();
     for (let i = 100; i < 200; i++) gz[i] ^= 0x5a;
-    await rejectsWithLayerError(collect(decompressStream(streamOf(gz, 512), "gzip", options)), /gzip decompression of the layer failed/);
+    await rejectsWithLayerError(collect(decompressBlobFile(blobFile(gz), "gzip", { worker })), /gzip decompression of the layer failed/);
+
+    const failure = new TypeError("digest differs");
+    const onEnd = () => {
+      throw failure;
+    };
+    await assert.rejects(collect(decompressBlobFile(blobFile(gzipBytes(tar)), "gzip", { worker, onEnd })), (error) => error === failure);
+
+    await assert.rejects(collect(decompressBlobFile(path.join(os.tmpdir(), "ocistage-no-such-blob"), "gzip", { worker })), /ENOENT|No such file/);
   });
 
-  test(`decompressStream with worker ${worker} passes input errors through and cancels input`, async () => {
-    const failure = new TypeError("network lost");
-    const failing = new ReadableStream<Uint8Array>({
-      start(controller) {
-        controller.enqueue(gzipBytes(tar).subarray(0, 1024));
-      },
-      pull(controller) {
-        controller.error(failure);
-      },
-    });
-    await assert.rejects(collect(decompressStream(failing, "gzip", options)), (error) => error === failure);
-
-    let cancelled: unknown;
-    const member = gzipBytes(tar);
-    const endless = new ReadableStream<Uint8Array>({
-      pull(controller) {
-        controller.enqueue(member);
-      },
-      cancel(reason) {
-        cancelled = reason;
-      },
-    });
-    const reader = decompressStream(endless, "gzip", options).getReader();
-    await reader.read();
+  test(`decompressBlobFile with worker ${worker} stops when cancelled`, async () => {
+    const big = new Uint8Array(8 * 1024 * 1024).map((_, i) => (i * 7919) % 251);
+    const reader = decompressBlobFile(blobFile(gzipBytes(big)), "gzip", { worker }).getReader();
+    const first = await reader.read();
+    assert.equal(first.done, false);
     await reader.cancel("stop");
-    assert.equal(cancelled, "stop");
+    const after = await reader.read();
+    assert.equal(after.done, true);
   });
 }
 
 test("DecoderWorkers gives one worker to streams in turn, and a failed stream's worker is not reused", async () => {
   const workers = new DecoderWorkers();
   try {
+    const file = blobFile(gzipBytes(tar));
     for (let i = 0; i < 3; i++) {
-      assert.deepEqual(await collect(decompressStream(streamOf(gzipBytes(tar), 1000), "gzip", { worker: true, workers })), tar);
+      assert.deepEqual(await collect(decompressBlobFile(file, "gzip", { worker: true, workers })), tar);
     }
     assert.equal(workers.started, hasWorker ? 1 : 0);
 
     const gz = gzipBytes(tar).slice();
     for (let i = 100; i < 200; i++) gz[i] ^= 0x5a;
-    await rejectsWithLayerError(collect(decompressStream(streamOf(gz), "gzip", { worker: true, workers })), /gzip decompression/);
-    assert.deepEqual(await collect(decompressStream(streamOf(zstdBytes(tar)), "zstd", { worker: true, workers })), tar);
+    await rejectsWithLayerError(collect(decompressBlobFile(blobFile(gz), "gzip", { worker: true, workers })), /gzip decompression/);
+    assert.deepEqual(await collect(decompressBlobFile(blobFile(zstdBytes(tar)), "zstd", { worker: true, workers })), tar);
     assert.equal(workers.started, hasWorker ? 2 : 0);
   } finally {
     workers.close();

@@ -120,5 +120,16 @@ describe("differential against skopeo and umoci", { skip }, () => {
     assert.deepEqual(diffTrees(ourTree, expected), []);
     assert.deepEqual(linkGroups(ourTree), linkGroups(umociTree));
     assert.deepEqual(linkGroups(ourTree), [["data/link-two", "data/original"]]);
+
+    // The same through the decoder worker, from the cache the first stage filled.
+    const viaWorker = path.join(work, "ocistage-worker");
+    const workerStaged = await runCliProcess(
+      ["stage", reference, viaWorker, "--cache", path.join(work, "cache"), "--platform", "linux/amd64", "--decode-worker"],
+    );
+    assert.equal(workerStaged.code, 0, workerStaged.stderr);
+    const workerTree = snapshotTree(viaWorker);
+    workerTree.delete("");
+    assert.deepEqual(diffTrees(workerTree, expected), []);
+    assert.deepEqual(linkGroups(workerTree), linkGroups(umociTree));
   });
 });

@@ -19,6 +19,10 @@ Registry and cache options:
   --concurrency N               layers downloaded at once, 1 to 64 (default 3)
   --hasher auto|native|wasm     sha256 backend (default auto: node:crypto,
                                 else hash-wasm)
+  --decode-worker               stage and export: decompress layers in a
+                                worker thread while files are written; on
+                                Deno about 20% faster, with up to about
+                                90 MiB more memory
   --allow-foreign-urls          fetch foreign layers from the URLs their
                                 descriptors list (off by default)
   --mirror REGISTRY=LOCATION    try a mirror first for manifests by digest

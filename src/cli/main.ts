@@ -10,7 +10,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { ElementError, InvalidReferenceError } from "../errors.ts";
 import { parseElement, setRef } from "../element.ts";
 import { DockerSource } from "../source.ts";
-import { fetchImage, type FetchOptions, stage, track } from "../stage.ts";
+import { fetchImage, type FetchOptions, stage, type StageOptions, track } from "../stage.ts";
 import { exportTar } from "../export.ts";
 import { inspect, listTags } from "../inspect.ts";
 import { formatReference, referenceFromRegistryUrl } from "../reference.ts";
@@ -43,6 +43,7 @@ const OPTIONS = {
   "registry-url": { type: "string" },
   concurrency: { type: "string" },
   hasher: { type: "string" },
+  "decode-worker": { type: "boolean" },
   "allow-foreign-urls": { type: "boolean" },
   mirror: { type: "string", multiple: true },
   "mirrors-file": { type: "string" },
@@ -214,6 +215,9 @@ function checkCommandFlags(command: Command, flags: Flags, io: CliIo): void {
     throw new UsageError(`-o/--output applies to export only; "${command}" writes to standard output`);
   }
   if (flags.tags && command !== "inspect") throw new UsageError(`--tags applies to inspect only, not to "${command}"`);
+  if (flags["decode-worker"] && command !== "stage" && command !== "export") {
+    throw new UsageError(`--decode-worker applies to stage and export only, not to "${command}"`);
+  }
   if (command === "key") {
     // The key comes from the element's own registry-url, image and ref.
     for (const name of ["platform", "registry-url"] as const) {
@@ -226,7 +230,7 @@ function checkCommandFlags(command: Command, flags: Flags, io: CliIo): void {
   }
 }
 
-async function runExport(input: string, flags: Flags, options: FetchOptions, io: CliIo, reporter: ProgressReporter): Promise<number> {
+async function runExport(input: string, flags: Flags, options: StageOptions, io: CliIo, reporter: ProgressReporter): Promise<number> {
   const output = flags.output === undefined || flags.output === "-" ? { stream: writableFor(io.stdout), commit: () => {} } : outputStream(flags.output);
   const result = await exportTar(input, output.stream, options);
   output.commit();
@@ -254,7 +258,7 @@ async function runElement(
   file: string,
   target: string | undefined,
   flags: Flags,
-  options: FetchOptions,
+  options: StageOptions,
   io: CliIo,
   reporter: ProgressReporter,
 ): Promise<number> {
@@ -287,7 +291,7 @@ async function runSources(
   sources: DockerSource[],
   target: string | undefined,
   flags: Flags,
-  options: FetchOptions,
+  options: StageOptions,
   io: CliIo,
   reporter: ProgressReporter,
 ): Promise<number> {
@@ -362,8 +366,9 @@ function writeFileKeepingMode(file: string, text: string): void {
   fs.renameSync(temp, file);
 }
 
-async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter): Promise<FetchOptions> {
-  const options: FetchOptions = { onEvent: (event) => reporter.handle(event) };
+async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter): Promise<StageOptions> {
+  const options: StageOptions = { onEvent: (event) => reporter.handle(event) };
+  if (flags["decode-worker"]) options.decodeWorker = true;
   if (flags.platform !== undefined) options.platform = flags.platform;
   if (flags.cache !== undefined) options.cache = flags.cache;
   if (flags["plain-http"]) options.plainHttp = true;

@@ -15,12 +15,15 @@
  * @module
  */
 
+import * as fs from "node:fs";
 import { Duplex } from "node:stream";
 import * as zlib from "node:zlib";
 import { Decompress as ZstdDecompress } from "fzstd";
 
 import { LayerError } from "../errors.ts";
 import type { FromWorker, ToWorker } from "./decode-worker.ts";
+import { hashedFileStream } from "../cache.ts";
+import type { Digest, HasherBackend } from "../digest.ts";
 
 /** Compression of a layer blob. */
 export type Compression = "gzip" | "zstd" | "none";
@@ -57,14 +60,23 @@ export function compressionFromMediaType(mediaType: string): Compression | undef
   return undefined;
 }
 
-/** Options of {@linkcode decompressStream}. */
-export interface DecompressOptions {
+/** Options of {@linkcode decompressBlobFile}. */
+export interface BlobFileOptions {
+  /** sha256 backend. Default "auto". */
+  hasher?: HasherBackend;
   /**
-   * Decode gzip and zstd in a web `Worker`, so that the consumer of the
-   * stream runs while the next chunks are decoded. Default: true on Deno,
-   * whose `node:zlib` decodes on the calling thread, and false elsewhere:
-   * Node and Bun already decode on their thread pool, and Node has no web
-   * `Worker`. Where there is no `Worker`, true decodes in the thread.
+   * Called with the byte count and digest of the file after its last byte;
+   * an error it throws fails the stream. Without it nothing is checked.
+   */
+  onEnd?: (received: number, actual: Digest) => void;
+  /**
+   * Read, hash and decode in a web `Worker`, so that the consumer of the
+   * stream runs while the next chunks are decoded. This helps on Deno,
+   * whose `node:zlib` decodes on the calling thread. It costs memory,
+   * because the worker has its own heap and allocator arena
+   * (bench/README.md has both figures). Node and Bun already decode on
+   * their thread pool. Where there is no web `Worker` (Node), the stream
+   * reads in the calling thread. Default false.
    */
   worker?: boolean;
   /**
@@ -73,6 +85,13 @@ export interface DecompressOptions {
    * each stream starts its own worker and ends it.
    */
   workers?: DecoderWorkers;
+  /**
+   * Reuse the buffer of each chunk once the next chunk is read, which keeps
+   * the worker from allocating a buffer per chunk. Only for consumers that
+   * are done with a chunk when they read the next, such as the layer
+   * applier. Default false.
+   */
+  reuseChunks?: boolean;
 }
 
 /**
@@ -131,9 +150,6 @@ export function compressionFromMagic(head: Uint8Array): Compression {
  * A corrupt compressed stream fails the returned stream with a `LayerError`.
  * Cancelling the returned stream cancels `input`.
  *
- * On Deno, gzip and zstd are decoded in a worker by default (see
- * {@linkcode DecompressOptions.worker}).
- *
  * @example
  * ```ts
  * const tar = decompressStream(blob, compressionFromMediaType(descriptor.mediaType) ?? "auto");
@@ -142,9 +158,7 @@ export function compressionFromMagic(head: Uint8Array): Compression {
 export function decompressStream(
   input: ReadableStream<Uint8Array>,
   compression: Compression | "auto",
-  options: DecompressOptions = {},
 ): ReadableStream<Uint8Array> {
-  const useWorker = options.worker ?? defaultWorker();
   const inputReader = input.getReader();
   let output: ReadableStreamDefaultReader<Uint8Array> | undefined;
   let actual: Compression = "none";
@@ -156,9 +170,7 @@ export function decompressStream(
         if (output === undefined) {
           const head = await peek(inputReader, failure);
           actual = chooseCompression(head, compression);
-          const source = prefixed(head, inputReader, failure);
-          output = (actual !== "none" && useWorker ? decodeInWorker(source, actual, options.workers) : decodeInThread(source, actual))
-            .getReader();
+          output = decodeInThread(prefixed(head, inputReader, failure), actual).getReader();
         }
         const { done, value } = await output.read();
         if (done) controller.close();
@@ -268,11 +280,7 @@ function prefixed(
   }, { highWaterMark: 0 });
 }
 
-/**
- * Decodes on the calling thread. Exported for the decoder worker; callers
- * use {@linkcode decompressStream}.
- */
-export function decodeInThread(source: ReadableStream<Uint8Array>, compression: Compression): ReadableStream<Uint8Array> {
+function decodeInThread(source: ReadableStream<Uint8Array>, compression: Compression): ReadableStream<Uint8Array> {
   switch (compression) {
     case "none":
       return source;
@@ -373,10 +381,6 @@ function fzstdTransform(): TransformStream<Uint8Array, Uint8Array> {
   });
 }
 
-function defaultWorker(): boolean {
-  return "Deno" in globalThis && typeof globalThis.Worker === "function";
-}
-
 /**
  * The decoder worker's code as text. The bundles in dist/ carry it, because
  * they may be loaded from a URL or from a package without src/.
@@ -396,117 +400,111 @@ function startWorker(): Worker {
   return new Worker(workerUrl, { type: "module" });
 }
 
-/** Output chunks the worker may send ahead of the consumer, and input chunks it requests ahead. */
+/** Output chunks the worker may send ahead of the consumer. */
 const WORKER_CREDITS = 4;
-const WORKER_INPUT_WINDOW = 2;
 
 /**
- * Decodes `source` in a decoder worker (src/layer/decode-worker.ts), with
- * flow control both ways: the worker requests each input chunk, and sends
- * at most {@linkcode WORKER_CREDITS} output chunks that the consumer has not
- * taken. The worker ends with the stream.
+ * Reads a layer blob file, hashes it and decompresses it into its tar
+ * stream, in the calling thread or, with `worker`, in a decoder worker
+ * (src/layer/decode-worker.ts; see {@linkcode BlobFileOptions.worker}).
+ * Compression, errors and cancellation are as for
+ * {@linkcode decompressStream}. `options.onEnd` checks the file's size and
+ * digest after its last byte.
+ *
+ * @example
+ * ```ts
+ * const tar = decompressBlobFile(cache.blobPath(digest), "gzip", {
+ *   onEnd: (received, actual) => cache.checkStored(digest, size, received, actual),
+ * });
+ * ```
  */
-function decodeInWorker(
-  source: ReadableStream<Uint8Array>,
-  compression: Exclude<Compression, "none">,
-  workers: DecoderWorkers | undefined,
-): ReadableStream<Uint8Array> {
-  if (typeof globalThis.Worker !== "function") return decodeInThread(source, compression);
+export function decompressBlobFile(file: string, compression: Compression | "auto", options: BlobFileOptions = {}): ReadableStream<Uint8Array> {
+  const useWorker = options.worker === true && typeof globalThis.Worker === "function";
+  if (useWorker) return decodeInWorker(file, compression, options);
 
-  const reader = source.getReader();
+  const onEnd = options.onEnd ?? (() => {});
+  const blob = openedOnRead(async () => hashedFileStream(await fs.promises.open(file, "r"), options.hasher ?? "auto", onEnd));
+  return decompressStream(blob, compression);
+}
+
+/** Returns a stream that calls `open` on its first read and then passes on what the opened stream gives. */
+function openedOnRead(open: () => Promise<ReadableStream<Uint8Array>>): ReadableStream<Uint8Array> {
+  let reader: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      reader ??= (await open()).getReader();
+      const { done, value } = await reader.read();
+      if (done) controller.close();
+      else controller.enqueue(value);
+    },
+    cancel(reason) {
+      return reader?.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
+}
+
+/**
+ * Runs {@linkcode decompressBlobFile} in a decoder worker. The worker sends
+ * at most {@linkcode WORKER_CREDITS} output chunks that the consumer has not
+ * taken, and ends with the stream unless `workers` keeps it.
+ */
+function decodeInWorker(file: string, compression: Compression | "auto", options: BlobFileOptions): ReadableStream<Uint8Array> {
+  const { workers, reuseChunks, onEnd } = options;
   const worker = workers?.take() ?? startWorker();
   const post = (message: ToWorker, transfer: Transferable[] = []) => worker.postMessage(message, transfer);
   const outputs: Uint8Array[] = [];
-  let finished = false;
+  /** The buffer of the chunk last handed out, given back to the worker on the next read with `reuseChunks`. */
+  let handedOut: ArrayBuffer | undefined;
+  let end: { received: number; digest: Digest } | undefined;
   let failure: { error: unknown } | undefined;
   let wake: (() => void) | undefined;
-  const notify = () => {
+
+  worker.onmessage = (event: MessageEvent<FromWorker>) => {
+    const message = event.data;
+    if (message.type === "output") outputs.push(new Uint8Array(message.chunk, 0, message.length));
+    else if (message.type === "done") end = { received: message.received, digest: message.digest };
+    else failure ??= { error: message.layer ? new LayerError(message.message, { entry: message.entry }) : new Error(message.message) };
     const resolve = wake;
     wake = undefined;
     resolve?.();
   };
-
-  // Input goes to the worker one chunk per request, in order.
-  let requested = 0;
-  let pumping = false;
-  let inputDone = false;
-  const pump = async () => {
-    if (pumping) return;
-    pumping = true;
-    try {
-      while (requested > 0 && !inputDone) {
-        requested--;
-        const { done, value } = await reader.read();
-        if (done) {
-          inputDone = true;
-          post({ type: "end" });
-          return;
-        }
-        // The copy keeps the caller's chunk usable when the worker takes the buffer.
-        const chunk = value.slice().buffer;
-        post({ type: "input", chunk }, [chunk]);
-      }
-    } catch (error) {
-      failure ??= { error };
-      notify();
-    } finally {
-      pumping = false;
-    }
-  };
-
-  worker.onmessage = (event: MessageEvent<FromWorker>) => {
-    const message = event.data;
-    switch (message.type) {
-      case "more":
-        requested++;
-        void pump();
-        return;
-      case "output":
-        outputs.push(new Uint8Array(message.chunk));
-        break;
-      case "done":
-        finished = true;
-        break;
-      case "error":
-        failure ??= { error: new Error(message.message) };
-        break;
-    }
-    notify();
-  };
   worker.onerror = (event: ErrorEvent) => {
     event.preventDefault();
     failure ??= { error: new Error(`the decoder worker failed: ${event.message}`) };
-    notify();
+    wake?.();
   };
 
+  const stop = () => worker.terminate();
   return new ReadableStream<Uint8Array>({
     start() {
-      post({ type: "start", compression, credits: WORKER_CREDITS, inputWindow: WORKER_INPUT_WINDOW });
+      post({ type: "start", file, compression, hasher: options.hasher ?? "auto", credits: WORKER_CREDITS });
     },
     async pull(controller) {
       for (;;) {
         const chunk = outputs.shift();
         if (chunk !== undefined) {
+          const used = handedOut;
+          handedOut = reuseChunks ? chunk.buffer as ArrayBuffer : undefined;
           controller.enqueue(chunk);
-          post({ type: "credit" });
+          post({ type: "credit", buffer: used }, used ? [used] : []);
           return;
         }
         if (failure !== undefined) {
-          worker.terminate();
+          stop();
           throw failure.error;
         }
-        if (finished) {
+        if (end !== undefined) {
           if (workers) workers.release(worker);
-          else worker.terminate();
+          else stop();
+          onEnd?.(end.received, end.digest);
           controller.close();
           return;
         }
         await new Promise<void>((resolve) => (wake = resolve));
       }
     },
-    cancel(reason) {
-      worker.terminate();
-      return reader.cancel(reason);
+    cancel() {
+      stop();
     },
   }, { highWaterMark: 0 });
 }
