@@ -43,17 +43,22 @@ const TIME = "/usr/bin/time";
 /** Outside /tmp, which other jobs on a shared machine may clean while the bench runs. */
 const DEFAULT_WORK = path.join(os.homedir(), ".cache", "ocistage-bench");
 
-type Runtime = "deno" | "bun" | "node";
+/** A runtime for ocistage, and "+worker" for `stage --decode-worker` on it. */
+type Runtime = "deno" | "bun" | "node" | "deno+worker" | "bun+worker";
+const RUNTIMES: Runtime[] = ["deno", "bun", "node", "deno+worker", "bun+worker"];
 
 const USAGE = `usage: deno run -A bench/stage.ts [options]
   --runs N           timed runs of each command per filesystem (default 5)
-  --runtimes LIST    comma-separated runtimes for ocistage: deno,bun,node (default deno)
+  --runtimes LIST    comma-separated runtimes for ocistage: deno,bun,node, and deno+worker or
+                     bun+worker for stage --decode-worker (default deno)
   --fs LIST          filesystems: disk,tmpfs (default both)
   --disk-dir DIR     directory on disk for outputs (default: the --work directory)
   --tmpfs-dir DIR    directory on tmpfs for outputs (default /dev/shm)
   --work DIR         where the built images and the registry's storage are kept (default ~/.cache/ocistage-bench)
   --node PATH        node binary for the node runtime (default: node_modules/.bin/node, else node on PATH)
   --max-minutes M    start no new run after M minutes (default 15)
+  --settle-minutes M before each round on disk, wait up to M minutes for file creates to cost what
+                     they cost on a settled disk (default 8; 0 skips the wait, the probe still runs)
   --no-memory        skip the peak-memory measurement of the 2 GB layer
   --no-check         skip the comparison of ocistage's tree with umoci's
   --json FILE        also write every measurement to FILE
@@ -66,6 +71,7 @@ interface Options {
   work: string;
   node: string;
   deadline: number;
+  settleMs: number;
   memory: boolean;
   check: boolean;
   json?: string;
@@ -83,6 +89,7 @@ function parseOptions(): Options {
       work: { type: "string", default: DEFAULT_WORK },
       node: { type: "string", default: defaultNode() },
       "max-minutes": { type: "string", default: "15" },
+      "settle-minutes": { type: "string", default: "8" },
       "no-memory": { type: "boolean", default: false },
       "no-check": { type: "boolean", default: false },
       json: { type: "string" },
@@ -97,7 +104,7 @@ function parseOptions(): Options {
   if (!Number.isInteger(runs) || runs < 1) usage(`invalid --runs "${values.runs}": pass a whole number of at least 1`);
   const runtimes = values.runtimes.split(",").map((name) => name.trim()) as Runtime[];
   for (const runtime of runtimes) {
-    if (!["deno", "bun", "node"].includes(runtime)) usage(`unknown runtime "${runtime}" in --runtimes: use deno, bun or node`);
+    if (!RUNTIMES.includes(runtime)) usage(`unknown runtime "${runtime}" in --runtimes: use ${RUNTIMES.join(", ")}`);
   }
   const dirs: Record<string, string> = { disk: values["disk-dir"], tmpfs: values["tmpfs-dir"] };
   const filesystems = values.fs.split(",").map((name) => {
@@ -107,6 +114,8 @@ function parseOptions(): Options {
   });
   const minutes = Number(values["max-minutes"]);
   if (!(minutes > 0)) usage(`invalid --max-minutes "${values["max-minutes"]}": pass a positive number`);
+  const settleMinutes = Number(values["settle-minutes"]);
+  if (!(settleMinutes >= 0)) usage(`invalid --settle-minutes "${values["settle-minutes"]}": pass a number of at least 0`);
   return {
     runs,
     runtimes,
@@ -114,6 +123,7 @@ function parseOptions(): Options {
     work: path.resolve(values.work),
     node: values.node,
     deadline: Date.now() + minutes * 60_000,
+    settleMs: settleMinutes * 60_000,
     memory: !values["no-memory"],
     check: !values["no-check"],
     json: values.json,
@@ -185,29 +195,114 @@ async function cleanUp(dir: string): Promise<void> {
 }
 
 /**
- * Clears the scratch directory between runs. On tmpfs it is removed. On disk
- * it is moved into `trash` and removed after the last run. The reason is
- * that ext4 without a journal (as on this machine) does not reuse inodes
- * deleted in the last minute or more, and checks each one it skips. So
- * after one run removed 40,000 files, every create of the next run costs
- * several times more.
+ * Returns a new, empty directory for one timed command. On tmpfs it is
+ * always the same path, removed after each command by {@linkcode clearScratch}.
+ * On disk every command gets its own directory below `runs`, kept until the
+ * end, because ext4 without a journal (as on this machine) makes each
+ * create skip the inodes deleted in the last minutes (see
+ * {@linkcode settleDisk}). `runs` has the ext4 "top of directory
+ * hierarchy" flag (`chattr +T`), so ext4 spreads these directories over the
+ * disk, as it does for directories in the filesystem root. Otherwise each
+ * command's tree would land in the block groups where the last command's
+ * whiteouts had just deleted thousands of files.
  */
-async function clearScratch(scratch: string, trash: string | undefined): Promise<void> {
-  if (trash === undefined) {
-    await cleanUp(scratch);
-    return;
+function nextScratch(bed: Bed): string {
+  const scratch = bed.onDisk ? path.join(bed.base, "runs", `run-${bed.scratchCount++}`) : path.join(bed.base, "run");
+  fs.mkdirSync(scratch, { recursive: true });
+  return scratch;
+}
+
+/** Removes a command's scratch directory on tmpfs, and on disk flushes its dirty pages, so that its writeback does not slow the next command. */
+async function clearScratch(bed: Bed, scratch: string): Promise<void> {
+  if (bed.onDisk) await timed("sync", []);
+  else await cleanUp(scratch);
+}
+
+/** Sets the ext4 "top of directory hierarchy" flag on `dir`; returns false where chattr or the flag is missing. */
+async function markTopDirectory(dir: string): Promise<boolean> {
+  try {
+    await timed("chattr", ["+T", dir]);
+    return true;
+  } catch {
+    return false;
   }
-  fs.mkdirSync(trash, { recursive: true });
-  fs.renameSync(scratch, path.join(trash, String(fs.readdirSync(trash).length)));
-  await timed("sync", []);
+}
+
+/**
+ * Directories and files per directory of one disk probe, and the cost per
+ * file up to which the disk counts as settled.
+ */
+const PROBE_DIRECTORIES = 4;
+const PROBE_FILES = 500;
+const SETTLED_MICROSECONDS = 60;
+
+/**
+ * Returns the cost in microseconds of creating a file, writing 4 KiB and
+ * closing it: the mean per directory, of the slowest of
+ * {@linkcode PROBE_DIRECTORIES} new directories `NAME-0`, `NAME-1`, ... in
+ * `parent`. Below a directory marked with {@linkcode markTopDirectory} they
+ * land in different block groups, of which only some may be slow. The files
+ * stay until the bed is removed, because removing them would unsettle the
+ * disk again.
+ */
+function probeCreates(parent: string, name: string): number {
+  const data = new Uint8Array(4096);
+  let slowest = 0;
+  for (let d = 0; d < PROBE_DIRECTORIES; d++) {
+    const subdir = path.join(parent, `${name}-${d}`);
+    fs.mkdirSync(subdir, { recursive: true });
+    const start = performance.now();
+    for (let i = 0; i < PROBE_FILES; i++) {
+      const fd = fs.openSync(path.join(subdir, String(i)), "wx");
+      fs.writeSync(fd, data);
+      fs.closeSync(fd);
+    }
+    slowest = Math.max(slowest, ((performance.now() - start) * 1000) / PROBE_FILES);
+  }
+  return slowest;
+}
+
+/** Probes the disk of a bed and records the result. */
+function probeBed(bed: Bed): number {
+  const cost = probeCreates(path.join(bed.base, "runs"), `probe-${bed.probes.length}`);
+  bed.probes.push(cost);
+  return cost;
+}
+
+/**
+ * Probes the cost of file creates on disk, and while it is above
+ * {@linkcode SETTLED_MICROSECONDS}, waits and probes again, for at most
+ * `limitMs`. Returns the last probe. The reason: ext4 without a journal
+ * does not reuse an inode freed in the last 60 s (360 s while its inode
+ * table block is dirty), and checks every such inode on each create
+ * (`recently_deleted` in Linux's fs/ext4/ialloc.c). For minutes after a
+ * mass deletion, such as the end of the previous bench run, every create
+ * costs several times more for every tool alike, and the ratios approach 1
+ * whatever the tools do.
+ */
+async function settleDisk(bed: Bed, limitMs: number): Promise<number> {
+  const started = Date.now();
+  for (;;) {
+    const cost = probeBed(bed);
+    if (cost <= SETTLED_MICROSECONDS || Date.now() - started >= limitMs) return cost;
+    process.stdout.write(
+      `  disk: a file create costs ${cost.toFixed(0)} us against about 30 us on a settled disk; waiting 30 s (--settle-minutes)\n`,
+    );
+    await new Promise((resolve) => setTimeout(resolve, 30_000));
+  }
 }
 
 /** Returns the command line that runs the ocistage CLI on a runtime. */
 function ocistageCommand(runtime: Runtime, options: Options, nodeBundle: string | undefined): [string, string[]] {
   const bin = (name: string) => path.join(ROOT, "node_modules", ".bin", name);
-  if (runtime === "deno") return [bin("deno"), ["run", "-A", path.join(ROOT, "cli.ts")]];
-  if (runtime === "bun") return [bin("bun"), [path.join(ROOT, "cli.ts")]];
+  if (runtime.startsWith("deno")) return [bin("deno"), ["run", "-A", path.join(ROOT, "cli.ts")]];
+  if (runtime.startsWith("bun")) return [bin("bun"), [path.join(ROOT, "cli.ts")]];
   return [options.node, [nodeBundle!]];
+}
+
+/** Returns the options of `stage` that a runtime entry adds. */
+function stageFlags(runtime: Runtime): string[] {
+  return runtime.endsWith("+worker") ? ["--decode-worker"] : [];
 }
 
 /** Bundles cli.ts for Node with esbuild, the way the npm package ships it, below node_modules so packages resolve. */
@@ -283,11 +378,11 @@ function contenders(context: Context, image: BuiltImage, layout: string, warmCac
     const [program, prefix] = ocistageCommand(runtime, context.options, context.nodeBundle);
     list.push({
       name: `ocistage cold (${runtime})`,
-      run: (scratch) => timed(program, [...prefix, "stage", "--quiet", "--cache", `${scratch}/cache`, ref, `${scratch}/rootfs`]),
+      run: (scratch) => timed(program, [...prefix, "stage", ...stageFlags(runtime), "--quiet", "--cache", `${scratch}/cache`, ref, `${scratch}/rootfs`]),
     });
     list.push({
       name: `ocistage warm (${runtime})`,
-      run: (scratch) => timed(program, [...prefix, "stage", "--quiet", "--cache", warmCache, ref, `${scratch}/rootfs`]),
+      run: (scratch) => timed(program, [...prefix, "stage", ...stageFlags(runtime), "--quiet", "--cache", warmCache, ref, `${scratch}/rootfs`]),
     });
   }
   return list;
@@ -300,11 +395,15 @@ type Results = Map<string, Timing[]>;
 interface Bed {
   filesystem: { name: string; dir: string };
   base: string;
-  scratch: string;
-  /** Directory that keeps the output of runs on disk until the end (see clearScratch). */
-  trash?: string;
+  onDisk: boolean;
+  /** Number of scratch directories made on disk so far (see nextScratch). */
+  scratchCount: number;
   contenders: Contender[];
   results: Results;
+  /** Cost per file create of every disk probe, in microseconds. */
+  probes: number[];
+  /** The probe taken right before each timed command, by contender. */
+  probeBefore: Map<string, number[]>;
 }
 
 /** Creates the working directory on one filesystem, with a layout for umoci alone and a full cache for ocistage warm (untimed). */
@@ -316,14 +415,24 @@ async function prepareBed(context: Context, image: BuiltImage, filesystem: { nam
   const [program, prefix] = ocistageCommand(context.options.runtimes[0], context.options, context.nodeBundle);
   await timed(program, [...prefix, "fetch", "--quiet", "--cache", warmCache, reference(context, image)]);
 
+  const onDisk = filesystem.name === "disk";
+  if (onDisk) {
+    fs.mkdirSync(path.join(base, "runs"));
+    if (!await markTopDirectory(path.join(base, "runs"))) {
+      console.log(`note: chattr +T failed on ${base}/runs (not ext4, or no chattr), so ext4 may put runs next to each other`);
+    }
+  }
+
   const list = contenders(context, image, layout, warmCache);
   return {
     filesystem,
     base,
-    scratch: path.join(base, "run"),
-    trash: filesystem.name === "disk" ? path.join(base, "trash") : undefined,
+    onDisk,
+    scratchCount: 0,
     contenders: list,
     results: new Map(list.map((contender) => [contender.name, []])),
+    probes: [],
+    probeBefore: new Map(list.map((contender) => [contender.name, []])),
   };
 }
 
@@ -341,10 +450,17 @@ async function runAlternating(context: Context, beds: Bed[]): Promise<boolean> {
       // Rotate the order so that no contender always runs right after the same neighbour.
       for (let i = 0; i < bed.contenders.length; i++) {
         const contender = bed.contenders[(run + i) % bed.contenders.length];
-        fs.mkdirSync(bed.scratch);
-        const timing = await contender.run(bed.scratch);
+        // Only the first command of a round waits for a settled disk, so
+        // that a round takes about as long as its commands. The probes
+        // before the others are recorded and printed.
+        if (bed.onDisk) {
+          const cost = i === 0 ? await settleDisk(bed, context.options.settleMs) : probeBed(bed);
+          bed.probeBefore.get(contender.name)!.push(cost);
+        }
+        const scratch = nextScratch(bed);
+        const timing = await contender.run(scratch);
         bed.results.get(contender.name)!.push(timing);
-        await clearScratch(bed.scratch, bed.trash);
+        await clearScratch(bed, scratch);
       }
     }
     process.stdout.write(`  run ${run + 1}/${context.options.runs} done in ${((Date.now() - runStarted) / 1000).toFixed(0)} s\n`);
@@ -356,7 +472,9 @@ function formatSeconds(value: number): string {
   return Number.isNaN(value) ? "-" : value.toFixed(2);
 }
 
-function printResults(filesystem: string, results: Results, runtimes: Runtime[]): Record<string, number> {
+function printResults(bed: Bed, runtimes: Runtime[]): Record<string, number> {
+  const filesystem = bed.filesystem.name;
+  const results = bed.results;
   const medians = new Map<string, Timing>();
   for (const [name, timings] of results) {
     medians.set(name, {
@@ -374,6 +492,12 @@ function printResults(filesystem: string, results: Results, runtimes: Runtime[])
       `  ${name.padEnd(28)} ${formatSeconds(timing.seconds).padStart(7)}   cpu ${formatSeconds(timing.user)}/${formatSeconds(timing.system)}` +
         `   rss ${Number.isNaN(timing.rssMiB) ? "-" : timing.rssMiB.toFixed(0)}   [${all}]`,
     );
+  }
+  if (bed.probes.length > 0) {
+    console.log(`  cost of a file create right before each command (us; about 30 on a settled disk):`);
+    for (const [name, costs] of bed.probeBefore) {
+      console.log(`    ${name.padEnd(28)} [${costs.map((cost) => cost.toFixed(0)).join(" ")}]`);
+    }
   }
 
   const ratios: Record<string, number> = {};
@@ -429,7 +553,16 @@ async function measureMemory(context: Context, image: BuiltImage, dir: string): 
     const base = fs.mkdtempSync(path.join(dir, "ocistage-bench-memory-"));
     try {
       const [program, prefix] = ocistageCommand(runtime, context.options, context.nodeBundle);
-      peaks[runtime] = await timed(program, [...prefix, "stage", "--quiet", "--cache", `${base}/cache`, reference(context, image), `${base}/rootfs`]);
+      peaks[runtime] = await timed(program, [
+        ...prefix,
+        "stage",
+        ...stageFlags(runtime),
+        "--quiet",
+        "--cache",
+        `${base}/cache`,
+        reference(context, image),
+        `${base}/rootfs`,
+      ]);
     } finally {
       await cleanUp(base);
     }
@@ -510,8 +643,9 @@ async function main(): Promise<void> {
     }
     const ratios: Record<string, number> = {};
     for (const bed of beds) {
-      Object.assign(ratios, printResults(bed.filesystem.name, bed.results, options.runtimes));
+      Object.assign(ratios, printResults(bed, options.runtimes));
       report[bed.filesystem.name] = Object.fromEntries(bed.results);
+      if (bed.probes.length > 0) report[`${bed.filesystem.name} probes`] = Object.fromEntries(bed.probeBefore);
     }
     report.ratios = ratios;
 
