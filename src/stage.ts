@@ -7,7 +7,7 @@
  */
 import * as fs from "node:fs";
 import { BlobCache, type BlobDescriptor } from "./cache.ts";
-import type { Digest, HasherBackend } from "./digest.ts";
+import { createVerifyStream, type Digest, type HasherBackend, isDigest } from "./digest.ts";
 import { DigestMismatchError, PlatformNotFoundError, TargetNotEmptyError } from "./errors.ts";
 import type { EventHandler } from "./progress.ts";
 import { formatPlatform, hostPlatform, type ImageReference, parsePlatform, type Platform, rankPlatform } from "./reference.ts";
@@ -183,15 +183,20 @@ export async function stage(image: string | ImageReference, target: string, opti
   const workers = new DecoderWorkers();
   try {
     const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
-    const result = await pull(image, options, async (cache, layer, index, count) => {
+    const result = await pull(image, options, async (cache, layer, index, count, diffId) => {
       const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
-      const tar = decompressBlobFile(cache.blobPath(layer.digest), compression, {
+      // gzip has a CRC, but a zstd frame's checksum is optional and fzstd
+      // skips it, so zstd layers are checked against the config's diff_id.
+      const checkDiffId = diffId !== undefined && (compression === "zstd" || compression === "auto");
+      let tar = decompressBlobFile(cache.blobPath(layer.digest), compression, {
         hasher: options.hasher,
         onEnd: (received, actual) => cache.checkStored(layer.digest, layer.size, received, actual),
         worker: options.decodeWorker,
         workers,
-        reuseChunks: true,
+        // The verifying stream below reads one chunk ahead of the applier.
+        reuseChunks: !checkDiffId,
       });
+      if (checkDiffId) tar = tar.pipeThrough(await createVerifyStream({ digest: diffId, label: `layer ${layer.digest} decompressed` }, options.hasher));
       await applier.applyLayer(tar, { digest: layer.digest, index });
       options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
     });
@@ -207,7 +212,8 @@ export async function stage(image: string | ImageReference, target: string, opti
   }
 }
 
-type LayerSink = (cache: BlobCache, layer: Descriptor, index: number, count: number) => Promise<void>;
+/** Applies one layer that is in the cache; `diffId` is its uncompressed digest from the image config, when the config states one. */
+type LayerSink = (cache: BlobCache, layer: Descriptor, index: number, count: number, diffId: Digest | undefined) => Promise<void>;
 
 async function pull(image: string | ImageReference, options: FetchOptions, sink: LayerSink | undefined): Promise<FetchResult> {
   const platform = toPlatform(options.platform);
@@ -267,17 +273,16 @@ async function pullFrom(
   };
 
   await download(manifest.config);
-  if (!resolved.indexDigest) {
-    const config = await cache.readBytes(manifest.config.digest, manifest.config.size);
-    checkImagePlatform(config, platform, options.platform !== undefined, source.name, options);
-  }
+  const config = await cache.readBytes(manifest.config.digest, manifest.config.size);
+  if (!resolved.indexDigest) checkImagePlatform(config, platform, options.platform !== undefined, source.name, options);
+  const diffIds = sink ? configDiffIds(config, manifest.layers.length) : [];
   const layers = manifest.layers;
   const pending = downloadAll(layers, options.concurrency ?? 3, download);
   try {
     if (sink) {
       for (let index = 0; index < layers.length; index++) {
         await pending.get(layers[index].digest);
-        await sink(cache, layers[index], index, layers.length);
+        await sink(cache, layers[index], index, layers.length, diffIds[index]);
       }
     }
     await Promise.all(pending.values());
@@ -299,6 +304,23 @@ async function pullFrom(
     cache,
     downloaded,
   };
+}
+
+/**
+ * Returns the config's `rootfs.diff_ids` when they are digests, one per
+ * layer, and an empty list otherwise (a config that is not JSON, has no
+ * such list, or has one of another length).
+ */
+function configDiffIds(configBytes: Uint8Array, layerCount: number): (Digest | undefined)[] {
+  let config: { rootfs?: { diff_ids?: unknown } };
+  try {
+    config = JSON.parse(new TextDecoder().decode(configBytes));
+  } catch {
+    return [];
+  }
+  const ids = config?.rootfs?.diff_ids;
+  if (!Array.isArray(ids) || ids.length !== layerCount) return [];
+  return ids.map((id) => (typeof id === "string" && isDigest(id) ? id : undefined));
 }
 
 /**

@@ -22,7 +22,7 @@ import {
 } from "./fixtures/local_images.ts";
 import { openImageSource, parseSourceLocation } from "../src/image-source.ts";
 import { fetchImage, stage, track } from "../src/stage.ts";
-import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError, ManifestError } from "../src/errors.ts";
+import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError, LayerError, ManifestError } from "../src/errors.ts";
 import { RegistryClient } from "../src/registry/client.ts";
 import { BlobCache } from "../src/cache.ts";
 import { tempDir } from "./fixtures/temp.ts";
@@ -171,6 +171,54 @@ test("stage() rejects a corrupt layer blob in a layout", async () => {
     return true;
   });
   assert.equal(new BlobCache(cache).has(image.layers[1].digest as `sha256:${string}`), false, "the corrupt blob is not cached");
+});
+
+/** Returns `length` bytes from a xorshift generator, which zstd cannot compress. */
+function noise(length: number, seed: number): Uint8Array {
+  const bytes = new Uint8Array(length);
+  let state = seed;
+  for (let i = 0; i < length; i++) {
+    state ^= state << 13;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    bytes[i] = state & 0xff;
+  }
+  return bytes;
+}
+
+describe("stage() rejects a zstd layer whose data is corrupt but whose digest is right", () => {
+  // zstd stores noise in raw blocks, where a changed byte only changes the
+  // output, and text in compressed blocks, where it breaks the decoding.
+  const text = new TextEncoder().encode("layer text that zstd compresses well\n".repeat(5000));
+  const cases: [string, Uint8Array, boolean][] = [
+    ["in a raw block", noise(200_000, 7), false],
+    ["in a compressed block", text, false],
+    // Deno 2.9's node:zlib threw this checksum error as an uncaught exception.
+    ["in a raw block of a frame with a checksum", noise(200_000, 11), true],
+  ];
+  for (const [name, content, checksum] of cases) {
+    test(name, async () => {
+      const work = tempDir("zstd-corrupt");
+      const image = buildImage([[{ path: "data", content }]], {
+        compression: "zstd",
+        zstdChecksum: checksum,
+        alterLayer: (bytes) => {
+          const altered = bytes.slice();
+          altered[Math.floor(altered.length / 2)] ^= 0x55;
+          return altered;
+        },
+      });
+      writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [image] }]);
+
+      const target = path.join(work, "rootfs");
+      await assert.rejects(stage(`oci:${work}/layout:1`, target, { cache: path.join(work, "cache"), platform: "linux/amd64" }), (error: Error) => {
+        assert.ok(error instanceof DigestMismatchError || error instanceof LayerError, String(error));
+        assert.match(error.message, /decompressed content has digest|zstd decompression of the layer failed|the layer is corrupt/);
+        return true;
+      });
+      assert.equal(fs.existsSync(target), false, "the failed stage removed its target");
+    });
+  }
 });
 
 test("stage() rejects a layout blob of the wrong size before reading it", async () => {

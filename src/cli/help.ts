@@ -19,10 +19,6 @@ Registry and cache options:
   --concurrency N               layers downloaded at once, 1 to 64 (default 3)
   --hasher auto|native|wasm     sha256 backend (default auto: node:crypto,
                                 else hash-wasm)
-  --decode-worker               stage and export: decompress layers in a
-                                worker thread while files are written; on
-                                Deno about 20% faster, with up to about
-                                90 MiB more memory
   --allow-foreign-urls          fetch foreign layers from the URLs their
                                 descriptors list (off by default)
   --mirror REGISTRY=LOCATION    try a mirror first for manifests by digest
@@ -118,6 +114,11 @@ empty. Whiteouts are applied, device nodes and everything under dev/ are
 dropped, every file is made owner-readable and every directory owner-
 writable, and nothing is written outside DIR.
 
+  --decode-worker               read and decompress layers in a worker
+                                thread while files are written: on Deno
+                                about 20% faster, with up to about 90 MiB
+                                more memory; no effect on Node and Bun
+
 ${SOURCES}${COMMON}`,
   export: `Usage: ocistage export IMAGE|ELEMENT [-o FILE] [options]
 
@@ -134,6 +135,7 @@ mtime (whole seconds); owners are kept when running as root, else 0.
                                 when complete (default: standard output,
                                 which must not be a terminal; "-" means
                                 standard output)
+  --decode-worker               as for stage
 
 ${SOURCES}${COMMON}`,
   inspect: `Usage: ocistage inspect IMAGE|ELEMENT [--tags] [--json] [options]

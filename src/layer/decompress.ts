@@ -5,12 +5,14 @@
  * gzip goes through `node:zlib` `createGunzip`, because it is the only
  * decoder that reads multi-member gzip on Deno, Bun and Node (Deno's
  * `DecompressionStream` stops after the first member). zstd uses
- * `node:zlib` `createZstdDecompress` where the runtime has it (Deno 2.9, Bun,
- * Node 22.15 and later) and the `fzstd` package otherwise.
+ * `node:zlib` `createZstdDecompress` on Bun and on Node 22.15 and later, and
+ * the `fzstd` package on Deno and older Node. `fzstd` does not check a
+ * frame's content checksum, and frames need not have one, so `stage` checks
+ * zstd layers against the image config's diff_ids.
  *
- * NOTE: `node:zlib` zstd on Deno 2.9 ends without an error on a truncated
- * frame. The digest check of the blob and the tar reader's truncation check
- * catch such input instead.
+ * NOTE: `node:zlib` zstd on Deno 2.9 throws a corrupt frame's error as an
+ * uncaught exception, which ends the process, in place of an `error` event.
+ * That is why Deno decodes zstd with `fzstd`.
  *
  * @module
  */
@@ -179,6 +181,10 @@ export function decompressStream(
         // An input error (a network failure, a digest mismatch) passes through
         // unchanged, even when the decoder reports it in its own words.
         if ("input" in failure) throw failure.input;
+        // The input is left unread, so it is cancelled: that closes the file
+        // or connection behind it.
+        output?.cancel(error).catch(() => {});
+        inputReader.cancel(error).catch(() => {});
         if (error instanceof LayerError) throw error;
         throw new LayerError(
           `${actual} decompression of the layer failed (${errorText(error)}): the blob is corrupt; remove it from the cache and fetch it again`,
@@ -287,12 +293,20 @@ function decodeInThread(source: ReadableStream<Uint8Array>, compression: Compres
     case "gzip":
       return nodeDecoder(source, zlib.createGunzip({ chunkSize: DECODER_CHUNK_SIZE }));
     case "zstd": {
-      const create = (zlib as { createZstdDecompress?: (options: zlib.ZlibOptions) => Duplex }).createZstdDecompress;
-      if (typeof create === "function") return nodeDecoder(source, create({ chunkSize: DECODER_CHUNK_SIZE }));
+      const create = nativeZstd();
+      if (create !== undefined) return nodeDecoder(source, create({ chunkSize: DECODER_CHUNK_SIZE }));
       return source.pipeThrough(fzstdTransform());
     }
   }
 }
+
+/** Returns `node:zlib`'s zstd decoder factory where ocistage uses it: not on Deno (see the module NOTE), nor where it is missing. */
+function nativeZstd(): ((options: zlib.ZlibOptions) => Duplex) | undefined {
+  if ("Deno" in globalThis) return undefined;
+  const create = (zlib as { createZstdDecompress?: (options: zlib.ZlibOptions) => Duplex }).createZstdDecompress;
+  return typeof create === "function" ? create : undefined;
+}
+
 
 /**
  * Output chunk size of the `node:zlib` decoders. 64 KiB decodes about 15%
