@@ -165,6 +165,23 @@ export class BlobCache {
   }
 
   /**
+   * Hash a stored blob to find whether it is damaged. A damaged blob is
+   * removed from the cache, and the error that describes the damage is
+   * returned. Returns undefined when the blob is intact.
+   */
+  async findDamage(digest: Digest, size?: number): Promise<DigestMismatchError | undefined> {
+    const handle = await fs.promises.open(this.blobPath(digest), "r");
+    const stream = hashedFileStream(handle, this.#hasher, (received, actual) => this.checkStored(digest, size, received, actual));
+    try {
+      for await (const _ of stream);
+      return undefined;
+    } catch (error) {
+      if (error instanceof DigestMismatchError) return error;
+      throw error;
+    }
+  }
+
+  /**
    * Check the size and digest that a read of a stored blob found. A corrupt
    * file is removed from the cache, so the next fetch downloads it again.
    *

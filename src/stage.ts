@@ -8,7 +8,7 @@
 import * as fs from "node:fs";
 import { BlobCache, type BlobDescriptor } from "./cache.ts";
 import { createVerifyStream, type Digest, type HasherBackend, isDigest } from "./digest.ts";
-import { DigestMismatchError, PlatformNotFoundError, TargetNotEmptyError } from "./errors.ts";
+import { DigestMismatchError, LayerError, PlatformNotFoundError, TargetNotEmptyError } from "./errors.ts";
 import type { EventHandler } from "./progress.ts";
 import { formatPlatform, hostPlatform, type ImageReference, parsePlatform, type Platform, rankPlatform } from "./reference.ts";
 import { type Descriptor, foreignLayerUrls, type ImageManifest } from "./manifest.ts";
@@ -197,7 +197,11 @@ export async function stage(image: string | ImageReference, target: string, opti
         reuseChunks: !checkDiffId,
       });
       if (checkDiffId) tar = tar.pipeThrough(await createVerifyStream({ digest: diffId, label: `layer ${layer.digest} decompressed` }, options.hasher));
-      await applier.applyLayer(tar, { digest: layer.digest, index });
+      try {
+        await applier.applyLayer(tar, { digest: layer.digest, index });
+      } catch (error) {
+        throw await explainLayerFailure(error, cache, layer);
+      }
       options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
     });
     applier.finish();
@@ -304,6 +308,41 @@ async function pullFrom(
     cache,
     downloaded,
   };
+}
+
+/**
+ * Returns the error to report for a layer that failed to decompress or to
+ * read as tar, after hashing its blob in the cache to find the cause. A
+ * damaged copy in the cache is removed, and the error states that the next
+ * run downloads it again. An intact blob means that the image itself is
+ * broken. Errors that name an entry, and errors of other kinds, pass
+ * unchanged.
+ */
+async function explainLayerFailure(error: unknown, cache: BlobCache, layer: Descriptor): Promise<unknown> {
+  // The cache's own check at the end of the blob found the damage and removed the blob.
+  if (error instanceof DigestMismatchError && error.expected === layer.digest) return damagedBlob(layer, error, error);
+  if (!(error instanceof LayerError) || error.entry !== undefined) return error;
+  let damage: DigestMismatchError | undefined;
+  try {
+    damage = await cache.findDamage(layer.digest, layer.size);
+  } catch {
+    return error;
+  }
+  if (damage !== undefined) return damagedBlob(layer, damage, error);
+  return new LayerError(
+    `${error.message}; the blob matches its digest, so the image itself is broken: rebuild it or push it again`,
+    { layer: error.layer ?? layer.digest, cause: error },
+  );
+}
+
+function damagedBlob(layer: Descriptor, damage: DigestMismatchError, cause: unknown): DigestMismatchError {
+  const found = damage.actual !== undefined ? `its content has digest ${damage.actual}` : "its size is wrong";
+  return new DigestMismatchError(
+    `cached blob ${layer.digest} is damaged (${found}): it is removed from the cache, so running the command again downloads it`,
+    damage.expected,
+    damage.actual,
+    { cause },
+  );
 }
 
 /**

@@ -9,17 +9,11 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { buildTar, gzipBytes } from "./fixtures/tar.ts";
-import { type Distribution, digestOf, MEDIA, pushImage, run, skipUnlessPrograms, startDistribution } from "./fixtures/distribution.ts";
+import { digestOf, type Distribution, MEDIA, pushImage, run, skipUnlessPrograms, startDistribution } from "./fixtures/distribution.ts";
 import { richImageLayers } from "./fixtures/images.ts";
 import { diffTrees, snapshotTree } from "./fixtures/tree.ts";
 import { MemoryRegistry } from "./fixtures/registry.ts";
-import {
-  buildImage,
-  type BuiltImage,
-  writeLegacyArchive,
-  writeOciArchive,
-  writeOciLayout,
-} from "./fixtures/local_images.ts";
+import { buildImage, type BuiltImage, writeLegacyArchive, writeOciArchive, writeOciLayout } from "./fixtures/local_images.ts";
 import { openImageSource, parseSourceLocation } from "../src/image-source.ts";
 import { fetchImage, stage, track } from "../src/stage.ts";
 import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError, LayerError, ManifestError } from "../src/errors.ts";
@@ -211,12 +205,58 @@ describe("stage() rejects a zstd layer whose data is corrupt but whose digest is
       writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [image] }]);
 
       const target = path.join(work, "rootfs");
-      await assert.rejects(stage(`oci:${work}/layout:1`, target, { cache: path.join(work, "cache"), platform: "linux/amd64" }), (error: Error) => {
-        assert.ok(error instanceof DigestMismatchError || error instanceof LayerError, String(error));
-        assert.match(error.message, /decompressed content has digest|zstd decompression of the layer failed|the layer is corrupt/);
+      await assert.rejects(
+        stage(`oci:${work}/layout:1`, target, { cache: path.join(work, "cache"), platform: "linux/amd64" }),
+        (error: Error) => {
+          assert.ok(error instanceof DigestMismatchError || error instanceof LayerError, String(error));
+          assert.match(error.message, /decompressed content has digest|zstd decompression of the layer failed|the layer is corrupt/);
+          if (error instanceof LayerError) assert.match(error.message, /the blob matches its digest, so the image itself is broken/);
+          return true;
+        },
+      );
+      assert.equal(fs.existsSync(target), false, "the failed stage removed its target");
+    });
+  }
+});
+
+describe("stage() removes a damaged blob from the cache and downloads it on the next run", () => {
+  // Damage near the start breaks the first tar header while most of the
+  // 3 MB blob is still unread. Damage near the end breaks the gzip trailer.
+  const cases: [string, (length: number) => [number, number]][] = [
+    ["damage near the start", () => [100, 200]],
+    ["damage near the end", (length) => [length - 200, length - 20]],
+  ];
+  for (const [name, range] of cases) {
+    test(name, async () => {
+      const work = tempDir("damaged-cache");
+      const image = buildImage([[{ path: "etc/", type: "dir" }, { path: "etc/release", content: "intact\n" }, {
+        path: "noise",
+        content: noise(3_000_000, 3),
+      }]]);
+      writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [image] }]);
+      const source = `oci:${work}/layout:1`;
+      const cache = path.join(work, "cache");
+      await stageInto(source, cache);
+
+      const digest = image.layers[0].digest as `sha256:${string}`;
+      const blob = new BlobCache(cache).blobPath(digest);
+      const bytes = fs.readFileSync(blob);
+      const [from, to] = range(bytes.length);
+      for (let i = from; i < to; i++) bytes[i] ^= 0x5a;
+      fs.writeFileSync(blob, bytes);
+
+      const target = path.join(work, "rootfs");
+      await assert.rejects(stage(source, target, { cache, platform: "linux/amd64" }), (error: Error) => {
+        assert.ok(error instanceof DigestMismatchError, String(error));
+        assert.match(error.message, new RegExp(`cached blob ${digest} is damaged \\(its content has digest sha256:[0-9a-f]{64}\\)`));
+        assert.match(error.message, /it is removed from the cache, so running the command again downloads it/);
         return true;
       });
+      assert.equal(fs.existsSync(blob), false, "the damaged blob is removed");
       assert.equal(fs.existsSync(target), false, "the failed stage removed its target");
+
+      await stage(source, target, { cache, platform: "linux/amd64" });
+      assert.equal(fs.readFileSync(path.join(target, "etc", "release"), "utf8"), "intact\n");
     });
   }
 });

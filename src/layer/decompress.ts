@@ -187,7 +187,7 @@ export function decompressStream(
         inputReader.cancel(error).catch(() => {});
         if (error instanceof LayerError) throw error;
         throw new LayerError(
-          `${actual} decompression of the layer failed (${errorText(error)}): the blob is corrupt; remove it from the cache and fetch it again`,
+          `${actual} decompression of the layer failed (${errorText(error)}): the layer's compressed data is invalid`,
           { cause: error },
         );
       }
