@@ -56,7 +56,7 @@ export class PlatformNotFoundError extends Error {
   constructor(requested: string, available: string[], source?: string) {
     const where = source ? ` in ${source}` : "";
     super(
-      `no manifest for platform "${requested}"${where}; the index offers ${
+      `no manifest for platform "${requested}"${where}; the image offers ${
         available.length ? available.map((p) => `"${p}"`).join(", ") : "no platforms"
       }: pass one of them with --platform`,
     );
@@ -106,8 +106,9 @@ export class ElementError extends SyntaxError {
 export class TargetNotEmptyError extends Error {
   override name = "TargetNotEmptyError";
   readonly path: string;
-  constructor(path: string) {
-    super(`stage target "${path}" is not an empty directory: choose a new or empty directory`);
+  constructor(path: string, options: { notDirectory?: boolean } = {}) {
+    const problem = options.notDirectory ? "is not a directory" : "is not an empty directory";
+    super(`stage target "${path}" ${problem}: choose a new or empty directory`);
     this.path = path;
   }
 }

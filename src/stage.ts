@@ -459,7 +459,7 @@ function prepareTarget(target: string): boolean {
       fs.mkdirSync(target, { recursive: true });
       return true;
     }
-    if (code === "ENOTDIR") throw new TargetNotEmptyError(target);
+    if (code === "ENOTDIR") throw new TargetNotEmptyError(target, { notDirectory: true });
     throw error;
   }
   if (entries.length > 0) throw new TargetNotEmptyError(target);

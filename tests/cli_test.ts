@@ -66,6 +66,7 @@ describe("usage errors exit with 2", () => {
     ["output on track", ["track", "alpine", "-o", "x"], /-o\/--output applies to export only/],
     ["tags on fetch", ["fetch", "alpine", "--tags"], /--tags applies to inspect only/],
     ["decode worker on track", ["track", "alpine", "--decode-worker"], /--decode-worker applies to stage and export only/],
+    ["key of an image reference", ["key", "127.0.0.1:5000/team/base:1.0"], /key takes a BuildStream element file \(\.bst, \.yml or \.yaml\), not "127\.0\.0\.1:5000\/team\/base:1\.0"/],
     ["bad concurrency", ["fetch", "alpine", "--concurrency", "0"], /invalid --concurrency "0": pass a whole number from 1 to 64/],
     ["bad reference", ["track", "Not A Reference"], /Not A Reference/],
     ["export to a terminal", ["export", "alpine"], /standard output is a terminal: pass -o FILE/],

@@ -16,7 +16,7 @@ import { MemoryRegistry } from "./fixtures/registry.ts";
 import { buildImage, type BuiltImage, writeLegacyArchive, writeOciArchive, writeOciLayout } from "./fixtures/local_images.ts";
 import { openImageSource, parseSourceLocation } from "../src/image-source.ts";
 import { fetchImage, stage, track } from "../src/stage.ts";
-import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError, LayerError, ManifestError } from "../src/errors.ts";
+import { DigestMismatchError, ImageNotFoundError, InvalidReferenceError, LayerError, ManifestError, TargetNotEmptyError } from "../src/errors.ts";
 import { RegistryClient } from "../src/registry/client.ts";
 import { BlobCache } from "../src/cache.ts";
 import { tempDir } from "./fixtures/temp.ts";
@@ -259,6 +259,19 @@ describe("stage() removes a damaged blob from the cache and downloads it on the 
       assert.equal(fs.readFileSync(path.join(target, "etc", "release"), "utf8"), "intact\n");
     });
   }
+});
+
+test("stage() rejects a target that is a file and leaves the file alone", async () => {
+  const work = tempDir("file-target");
+  writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [simpleImage("x\n")] }]);
+  const file = path.join(work, "rootfs");
+  fs.writeFileSync(file, "keep\n");
+  await assert.rejects(stage(`oci:${work}/layout:1`, file, { cache: path.join(work, "cache") }), (error: Error) => {
+    assert.ok(error instanceof TargetNotEmptyError, String(error));
+    assert.match(error.message, /stage target ".*rootfs" is not a directory: choose a new or empty directory/);
+    return true;
+  });
+  assert.equal(fs.readFileSync(file, "utf8"), "keep\n");
 });
 
 test("stage() rejects a layout blob of the wrong size before reading it", async () => {

@@ -168,6 +168,9 @@ async function dispatch(command: Command, operands: string[], flags: Flags, io: 
   const options = await pullOptions(flags, io, reporter);
   const input = operands[0];
 
+  if (command === "key" && !isElementPath(input)) {
+    throw new UsageError(`key takes a BuildStream element file (.bst, .yml or .yaml), not "${input}"`);
+  }
   if (command === "key" || isElementPath(input)) return await runElement(command, input, operands[1], flags, options, io, reporter);
 
   if (flags["registry-url"]) throw new UsageError(`--registry-url applies to element files only; put the registry in the image reference "${input}"`);
