@@ -288,7 +288,8 @@ export async function explainMissingTag(source: ImageSource, error: unknown): Pr
         `repository "${reference.repository}" not found on ${reference.registry}: check the image name in "${source.name}"`,
         source.name,
         [],
-        { cause: error },
+        // The tag list's 404 is the evidence; the manifest's 404 would blame the tag.
+        { cause: listError },
       );
     }
     // The tag list is unavailable (some registries do not offer it), so the original error is the better report.

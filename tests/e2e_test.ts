@@ -242,6 +242,8 @@ describe("end to end against the distribution registry", { skip }, () => {
       assert.match(run.stderr, pattern, args.join(" "));
       assert.equal(run.stderr.trim().split("\n").filter((line) => line.startsWith("ocistage:")).length, 1, `one error line for ${args.join(" ")}`);
     }
+    const absent = await runCliProcess(["track", `${registry.host}/errors/absent:1`, "--cache", tempDir("errcache")]);
+    assert.doesNotMatch(absent.stderr, /tag "1"/, "a missing repository is not blamed on the tag");
     assert.deepEqual(fs.readdirSync(nonEmpty), ["keep"], "a non-empty target is left alone");
   });
 
