@@ -149,7 +149,7 @@ export class BlobCache {
     const bytes = new Uint8Array(fs.readFileSync(file));
     const hash = await createSha256(this.#hasher);
     hash.update(bytes);
-    this.#checkOrEvict(file, { digest, size, label: "cached blob" }, bytes.byteLength, hash.digest());
+    this.#checkOrEvict(file, { digest, size }, bytes.byteLength, hash.digest());
     return bytes;
   }
 
@@ -188,15 +188,21 @@ export class BlobCache {
    * @throws {DigestMismatchError} when they differ from `digest` and `size`.
    */
   checkStored(digest: Digest, size: number | undefined, received: number, actual: Digest): void {
-    this.#checkOrEvict(this.blobPath(digest), { digest, size, label: "cached blob" }, received, actual);
+    this.#checkOrEvict(this.blobPath(digest), { digest, size }, received, actual);
   }
 
-  #checkOrEvict(file: string, expect: { digest: Digest; size?: number; label: string }, received: number, actual: Digest): void {
+  #checkOrEvict(file: string, expect: { digest: Digest; size?: number }, received: number, actual: Digest): void {
     try {
       checkContent(expect, received, actual);
     } catch (error) {
       fs.rmSync(file, { force: true });
-      throw error;
+      const found = received !== expect.size && expect.size !== undefined ? `it has ${received} bytes, not ${expect.size}` : `its content has digest ${actual}`;
+      throw new DigestMismatchError(
+        `cached blob ${expect.digest} is damaged (${found}): it is removed from the cache, so running the command again downloads it`,
+        expect.digest,
+        actual,
+        { cause: error },
+      );
     }
   }
 

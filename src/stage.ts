@@ -319,8 +319,6 @@ async function pullFrom(
  * unchanged.
  */
 async function explainLayerFailure(error: unknown, cache: BlobCache, layer: Descriptor): Promise<unknown> {
-  // The cache's own check at the end of the blob found the damage and removed the blob.
-  if (error instanceof DigestMismatchError && error.expected === layer.digest) return damagedBlob(layer, error, error);
   if (!(error instanceof LayerError) || error.entry !== undefined) return error;
   let damage: DigestMismatchError | undefined;
   try {
@@ -328,20 +326,10 @@ async function explainLayerFailure(error: unknown, cache: BlobCache, layer: Desc
   } catch {
     return error;
   }
-  if (damage !== undefined) return damagedBlob(layer, damage, error);
+  if (damage !== undefined) return damage;
   return new LayerError(
-    `${error.message}; the blob matches its digest, so the image itself is broken: rebuild it or push it again`,
+    `layer ${layer.digest} cannot be applied (${error.message}), and the blob matches its digest, so the image itself is broken: rebuild it or push it again`,
     { layer: error.layer ?? layer.digest, cause: error },
-  );
-}
-
-function damagedBlob(layer: Descriptor, damage: DigestMismatchError, cause: unknown): DigestMismatchError {
-  const found = damage.actual !== undefined ? `its content has digest ${damage.actual}` : "its size is wrong";
-  return new DigestMismatchError(
-    `cached blob ${layer.digest} is damaged (${found}): it is removed from the cache, so running the command again downloads it`,
-    damage.expected,
-    damage.actual,
-    { cause },
   );
 }
 
@@ -446,32 +434,31 @@ function downloadAll(
 
 /**
  * Create the target directory, or check that an existing one is empty.
- * Returns true when the directory was created here.
+ * Returns the topmost directory created here (the target or a missing
+ * parent of it), or undefined when the target existed.
  */
-function prepareTarget(target: string): boolean {
+function prepareTarget(target: string): string | undefined {
   if (target === "") throw new TypeError("stage target is an empty string: pass the directory to stage into");
   let entries: string[];
   try {
     entries = fs.readdirSync(target);
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code;
-    if (code === "ENOENT") {
-      fs.mkdirSync(target, { recursive: true });
-      return true;
-    }
+    if (code === "ENOENT") return fs.mkdirSync(target, { recursive: true }) ?? target;
     if (code === "ENOTDIR") throw new TargetNotEmptyError(target, { notDirectory: true });
     throw error;
   }
   if (entries.length > 0) throw new TargetNotEmptyError(target);
-  return false;
+  return undefined;
 }
 
 /**
- * Remove what a failed stage wrote: the target itself when this call created
- * it, else everything inside it (it was empty before). Directories are made
- * writable first so that a non-root user can remove read-only ones.
+ * Remove what a failed stage wrote: the directories this call created
+ * (`created`, the target or a parent of it), else everything inside the
+ * target (it was empty before). Directories are made writable first so that
+ * a non-root user can remove read-only ones.
  */
-function clearTarget(target: string, created: boolean): void {
+function clearTarget(target: string, created: string | undefined): void {
   const makeWritable = (dir: string): void => {
     for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
       if (!entry.isDirectory()) continue;
@@ -482,8 +469,8 @@ function clearTarget(target: string, created: boolean): void {
   };
   try {
     makeWritable(target);
-    if (created) {
-      fs.rmSync(target, { recursive: true, force: true });
+    if (created !== undefined) {
+      fs.rmSync(created, { recursive: true, force: true });
       return;
     }
     for (const name of fs.readdirSync(target)) fs.rmSync(`${target}/${name}`, { recursive: true, force: true });

@@ -204,17 +204,22 @@ describe("stage() rejects a zstd layer whose data is corrupt but whose digest is
       });
       writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [image] }]);
 
-      const target = path.join(work, "rootfs");
+      // The parents of the target are new too, and a failed stage removes them.
+      const target = path.join(work, "new", "parents", "rootfs");
       await assert.rejects(
         stage(`oci:${work}/layout:1`, target, { cache: path.join(work, "cache"), platform: "linux/amd64" }),
         (error: Error) => {
           assert.ok(error instanceof DigestMismatchError || error instanceof LayerError, String(error));
           assert.match(error.message, /decompressed content has digest|zstd decompression of the layer failed|the layer is corrupt/);
-          if (error instanceof LayerError) assert.match(error.message, /the blob matches its digest, so the image itself is broken/);
+          if (error instanceof LayerError) {
+            assert.match(error.message, new RegExp(`^layer ${image.layers[0].digest} cannot be applied \\(`));
+            assert.match(error.message, /the blob matches its digest, so the image itself is broken: rebuild it or push it again$/);
+            assert.doesNotMatch(error.message, /fetch/);
+          }
           return true;
         },
       );
-      assert.equal(fs.existsSync(target), false, "the failed stage removed its target");
+      assert.equal(fs.existsSync(path.join(work, "new")), false, "the failed stage removed the directories it created");
     });
   }
 });
@@ -259,6 +264,28 @@ describe("stage() removes a damaged blob from the cache and downloads it on the 
       assert.equal(fs.readFileSync(path.join(target, "etc", "release"), "utf8"), "intact\n");
     });
   }
+});
+
+test("stage() removes a damaged config from the cache and reads it again on the next run", async () => {
+  const work = tempDir("damaged-config");
+  const image = simpleImage("intact\n");
+  writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [image] }]);
+  const source = `oci:${work}/layout:1`;
+  const cache = path.join(work, "cache");
+  await stageInto(source, cache);
+
+  const config = new BlobCache(cache).blobPath(image.config.digest as `sha256:${string}`);
+  fs.writeFileSync(config, fs.readFileSync(config, "utf8").replace("amd64", "AMD64"));
+  await assert.rejects(stageInto(source, cache), (error: Error) => {
+    assert.ok(error instanceof DigestMismatchError, String(error));
+    assert.match(error.message, new RegExp(`^cached blob ${image.config.digest} is damaged \\(its content has digest sha256:[0-9a-f]{64}\\)`));
+    assert.match(error.message, /it is removed from the cache, so running the command again downloads it$/);
+    return true;
+  });
+  assert.equal(fs.existsSync(config), false, "the damaged config is removed");
+
+  const target = await stageInto(source, cache);
+  assert.equal(fs.readFileSync(path.join(target, "etc", "release"), "utf8"), "intact\n");
 });
 
 test("stage() rejects a target that is a file and leaves the file alone", async () => {

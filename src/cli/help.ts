@@ -117,7 +117,7 @@ writable, and nothing is written outside DIR.
   --decode-worker               read and decompress layers in a worker
                                 thread while files are written: on Deno
                                 about 20% faster, with up to about 90 MiB
-                                more memory; no effect on Node and Bun
+                                more memory; no speed gain on Node and Bun
 
 ${SOURCES}${COMMON}`,
   export: `Usage: ocistage export IMAGE|ELEMENT [-o FILE] [options]

@@ -240,7 +240,7 @@ function chooseCompression(head: Uint8Array, declared: Compression | "auto"): Co
 
   const hex = Array.from(head.subarray(0, 4), (byte) => byte.toString(16).padStart(2, "0")).join(" ");
   throw new LayerError(
-    `layer declared as ${declared} starts with bytes "${hex}", which are neither gzip, zstd nor tar: check the layer media type or fetch the blob again`,
+    `layer declared as ${declared} starts with bytes "${hex}", which are neither gzip, zstd nor tar: check the layer media type`,
   );
 }
 

@@ -163,14 +163,14 @@ export class TarReader {
     if (this.#state === "header" || this.#state === "zero") {
       if (this.#blockFill === 0 || isZero(this.#block.subarray(0, this.#blockFill))) {
         if (this.#pendingMeta()) {
-          throw this.#error("tar stream ends after an extended header without its entry: the layer is truncated; fetch it again");
+          throw this.#error("tar stream ends after an extended header without its entry: the layer is truncated");
         }
         return;
       }
-      throw this.#error(`tar stream is truncated inside the header at offset ${this.#offset}: fetch the layer again`);
+      throw this.#error(`tar stream is truncated inside the header at offset ${this.#offset}: the layer ends early`);
     }
     throw this.#error(
-      `tar stream is truncated inside the body of entry ${quoteName(this.#current)}: fetch the layer again`,
+      `tar stream is truncated inside the body of entry ${quoteName(this.#current)}: the layer ends early`,
       this.#current,
     );
   }
@@ -481,7 +481,7 @@ function verifyChecksum(block: Uint8Array, offset: number): void {
   }
   if (stored === unsigned || stored === signed) return;
   throw new LayerError(
-    `tar header at offset ${offset} has an invalid checksum (stored ${stored ?? "unreadable"}, computed ${unsigned}): the layer is corrupt; fetch it again`,
+    `tar header at offset ${offset} has an invalid checksum (stored ${stored ?? "unreadable"}, computed ${unsigned}): the layer is corrupt`,
   );
 }
 
