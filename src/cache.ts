@@ -170,8 +170,7 @@ export class BlobCache {
    * returned. Returns undefined when the blob is intact.
    */
   async findDamage(digest: Digest, size?: number): Promise<DigestMismatchError | undefined> {
-    const handle = await fs.promises.open(this.blobPath(digest), "r");
-    const stream = hashedFileStream(handle, this.#hasher, (received, actual) => this.checkStored(digest, size, received, actual));
+    const stream = await this.openBlob(digest, size);
     try {
       for await (const _ of stream);
       return undefined;

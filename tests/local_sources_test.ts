@@ -180,7 +180,7 @@ function noise(length: number, seed: number): Uint8Array {
   return bytes;
 }
 
-describe("stage() rejects a zstd layer whose data is corrupt but whose digest is right", () => {
+describe("stage() rejects corrupt zstd with a right digest", () => {
   // zstd stores noise in raw blocks, where a changed byte only changes the
   // output, and text in compressed blocks, where it breaks the decoding.
   const text = new TextEncoder().encode("layer text that zstd compresses well\n".repeat(5000));
@@ -224,7 +224,7 @@ describe("stage() rejects a zstd layer whose data is corrupt but whose digest is
   }
 });
 
-describe("stage() removes a damaged blob from the cache and downloads it on the next run", () => {
+describe("stage() replaces a damaged cached layer", () => {
   // Damage near the start breaks the first tar header while most of the
   // 3 MB blob is still unread. Damage near the end breaks the gzip trailer.
   const cases: [string, (length: number) => [number, number]][] = [
@@ -266,7 +266,7 @@ describe("stage() removes a damaged blob from the cache and downloads it on the 
   }
 });
 
-test("stage() removes a damaged config from the cache and reads it again on the next run", async () => {
+test("stage() replaces a damaged cached config", async () => {
   const work = tempDir("damaged-config");
   const image = simpleImage("intact\n");
   writeOciLayout(path.join(work, "layout"), [{ name: "1", images: [image] }]);

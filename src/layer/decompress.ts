@@ -307,7 +307,6 @@ function nativeZstd(): ((options: zlib.ZlibOptions) => Duplex) | undefined {
   return typeof create === "function" ? create : undefined;
 }
 
-
 /**
  * Output chunk size of the `node:zlib` decoders. 64 KiB decodes about 15%
  * faster than the default 16 KiB on Deno 2.9 (bench/README.md).
@@ -472,20 +471,23 @@ function decodeInWorker(file: string, compression: Compression | "auto", options
   let end: { received: number; digest: Digest } | undefined;
   let failure: { error: unknown } | undefined;
   let wake: (() => void) | undefined;
+  const notify = () => {
+    const resolve = wake;
+    wake = undefined;
+    resolve?.();
+  };
 
   worker.onmessage = (event: MessageEvent<FromWorker>) => {
     const message = event.data;
     if (message.type === "output") outputs.push(new Uint8Array(message.chunk, 0, message.length));
     else if (message.type === "done") end = { received: message.received, digest: message.digest };
     else failure ??= { error: message.layer ? new LayerError(message.message, { entry: message.entry }) : new Error(message.message) };
-    const resolve = wake;
-    wake = undefined;
-    resolve?.();
+    notify();
   };
   worker.onerror = (event: ErrorEvent) => {
     event.preventDefault();
     failure ??= { error: new Error(`the decoder worker failed: ${event.message}`) };
-    wake?.();
+    notify();
   };
 
   const stop = () => worker.terminate();
