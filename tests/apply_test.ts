@@ -660,6 +660,7 @@ test("stats count each kind of entry", async () => {
       whiteouts: 1,
       dropped: 1,
       bytes: 3,
+      hidden: 0,
     });
   });
 });

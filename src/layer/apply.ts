@@ -48,6 +48,19 @@
  *   on, a uid or gid above 4294967294 is an error naming the entry.
  * - xattrs (PAX `SCHILY.xattr.*`, `LIBARCHIVE.xattr.*`): not applied, because
  *   no runtime has an API for them. Counted in a warning.
+ * - Hidden entries, with `LayerApplyOptions.hidden` (the changes of the
+ *   upper layers): a file that an upper layer removes or replaces is not
+ *   written, and neither is a hardlink to such a file when the link is
+ *   hidden too. What the file would have replaced is still removed, and
+ *   whiteouts of its own layer spare its path. A hardlink that survives
+ *   and points to a left-out file gets an empty file, filled after its
+ *   layer by reading the layer that contains the content once more.
+ *   Directories and symlinks are always written, and so is any entry below
+ *   a path where a symlink or hardlink was created, because its real path
+ *   may differ from its name. The result is the same tree. One difference:
+ *   an entry below a file is an error, so layers that write below a file
+ *   which an upper layer then removes fail with every entry written, and
+ *   may apply when that file is left out.
  * - Data after the tar end marker: read to the end, so a verifying stream
  *   upstream sees every byte. Non-zero trailing bytes are counted in a
  *   warning.
@@ -68,6 +81,7 @@ import { LayerError } from "../errors.ts";
 import type { EventHandler } from "../progress.ts";
 import { type TarHandler, type TarHeader, TarReader } from "./tar.ts";
 import { quoteName, splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
+import { type ContentSource, dropReason, type HiddenPaths, LeftOutFiles } from "./changes.ts";
 
 /** Maximum number of symlinks followed while resolving one path, as Linux's `MAXSYMLINKS`. */
 export const MAX_SYMLINKS = 40;
@@ -92,6 +106,22 @@ export interface LayerInfo {
   index?: number;
 }
 
+/** Options of {@linkcode LayerApplier.applyLayer}. */
+export interface LayerApplyOptions {
+  /**
+   * The paths that the layers above this one hide. Files there are left
+   * out, as the module documentation describes. Needs
+   * `reopen` and `LayerInfo.index`. Default: every entry is written.
+   */
+  hidden?: HiddenPaths;
+  /**
+   * Opens the layer's uncompressed tar stream again. It is called only
+   * when a hardlink that survives, in this layer or a later one, points to
+   * a file that was left out, to read that file's content.
+   */
+  reopen?: () => ReadableStream<Uint8Array>;
+}
+
 /** Counts of what one layer changed. */
 export interface LayerStats {
   /** Tar entries read, whiteouts and dropped entries included. */
@@ -106,6 +136,8 @@ export interface LayerStats {
   dropped: number;
   /** Bytes of file content written. */
   bytes: number;
+  /** Files and hardlinks left out because a layer above removes or replaces them. */
+  hidden: number;
 }
 
 /** A layer for {@linkcode applyLayers}: its uncompressed tar stream and its digest. */
@@ -184,8 +216,13 @@ export class LayerApplier {
    * and, when one entry is to blame, its name. Errors of the stream itself
    * (a digest mismatch, a network failure) pass through unchanged.
    */
-  async applyLayer(tar: ReadableStream<Uint8Array>, info: LayerInfo = {}): Promise<LayerStats> {
-    const writer = new LayerWriter(this.#tree, info);
+  async applyLayer(tar: ReadableStream<Uint8Array>, info: LayerInfo = {}, options: LayerApplyOptions = {}): Promise<LayerStats> {
+    const { hidden, reopen } = options;
+    if (hidden !== undefined && (reopen === undefined || info.index === undefined)) {
+      throw new TypeError("applyLayer() with hidden paths needs a reopen function and the layer index");
+    }
+    if (reopen !== undefined && info.index !== undefined) this.#tree.reopen.set(info.index, reopen);
+    const writer = new LayerWriter(this.#tree, info, hidden);
     const reader = new TarReader(writer);
     const input = tar.getReader();
     try {
@@ -204,6 +241,12 @@ export class LayerApplier {
       input.releaseLock();
     }
 
+    try {
+      await writer.fillPlaceholders();
+    } catch (error) {
+      if (error instanceof LayerError && error.layer === undefined) error.layer = info.digest;
+      throw error;
+    }
     if (reader.trailingNonZeroBytes > 0) writer.warn("trailing-data", reader.trailingNonZeroBytes);
     if (this.#onEvent !== undefined) writer.emitWarnings(this.#onEvent);
     return writer.stats;
@@ -247,6 +290,13 @@ class RootTree {
   #directories = new Map<string, string>();
   /** Final metadata of every directory, by resolved path. */
   #deferred = new Map<string, DirectoryMetadata>();
+  /** Resolved paths where a symlink or hardlink was ever created, for {@linkcode HiddenPaths}. */
+  readonly links = new Set<string>();
+  readonly isLink = (path: string): boolean => this.links.has(path);
+  /** Files left out because upper layers hide them. */
+  readonly leftOut = new LeftOutFiles();
+  /** Opens the tar stream of a layer again, by layer index. */
+  readonly reopen = new Map<number, () => ReadableStream<Uint8Array>>();
 
   constructor(root: string, owners: boolean) {
     this.root = root;
@@ -418,10 +468,17 @@ class LayerWriter implements TarHandler {
     whiteouts: 0,
     dropped: 0,
     bytes: 0,
+    hidden: 0,
   };
 
   readonly #tree: RootTree;
   readonly #info: LayerInfo;
+  readonly #hidden?: HiddenPaths;
+  /** Whether hidden entries are left out in this layer. */
+  readonly #leaveOut: boolean;
+  /** Files that stand in for left-out content, by `layer:entry` of the content. */
+  readonly #placeholders = new Map<string, Placeholder>();
+  readonly #placeholderAt = new Map<string, Placeholder>();
   /** Resolved paths this layer wrote, and every ancestor of them. */
   readonly #written = new Set<string>();
   readonly #writtenAncestors = new Set<string>();
@@ -433,9 +490,12 @@ class LayerWriter implements TarHandler {
   #fd: number | undefined;
   #file?: TarHeader;
 
-  constructor(tree: RootTree, info: LayerInfo) {
+  constructor(tree: RootTree, info: LayerInfo, hidden?: HiddenPaths) {
     this.#tree = tree;
     this.#info = info;
+    this.#hidden = hidden;
+    const index = info.index ?? -1;
+    this.#leaveOut = hidden !== undefined && hidden.covers(index);
   }
 
   entry(header: TarHeader): void {
@@ -539,6 +599,16 @@ class LayerWriter implements TarHandler {
     if (this.#tree.owners) checkOwner(header);
     const parent = this.#tree.resolveDirectory(parts.slice(0, -1), "create", header.name)!;
     const path = parent === "" ? base : `${parent}/${base}`;
+    const link = header.type === "hardlink" ? this.#leftOutTarget(header) : undefined;
+    if (this.#leaveOut && this.#isHidden(header, parts, path, link?.source)) {
+      this.stats.hidden++;
+      return;
+    }
+    // What was left out at this path is replaced, as the file would have been.
+    if (this.#tree.leftOut.size > 0) {
+      if (header.type === "dir") this.#tree.leftOut.delete(path);
+      else this.#tree.leftOut.deleteBelow(path);
+    }
     switch (header.type) {
       case "dir":
         this.#writeDirectory(path, header);
@@ -550,7 +620,7 @@ class LayerWriter implements TarHandler {
         this.#writeSymlink(path, header);
         break;
       case "hardlink":
-        this.#writeHardlink(path, header);
+        this.#writeHardlink(path, header, link!.target, link!.source);
         break;
     }
   }
@@ -580,22 +650,160 @@ class LayerWriter implements TarHandler {
 
   /** Drops devices, FIFOs, entries below dev/, aufs metadata and hardlinks to any of them. */
   #drop(header: TarHeader, parts: string[]): boolean {
-    let code: string | undefined;
-    if (parts[0] === "dev" && parts.length > 1) code = "dev-entry-dropped";
-    else if (header.type === "char" || header.type === "block") code = "device-dropped";
-    else if (header.type === "fifo") code = "fifo-dropped";
-    else if (parts.some((part) => whiteoutKind(part) === "aufs-metadata")) code = "aufs-metadata-dropped";
-    else if (header.type === "hardlink") {
-      const target = splitName(header.linkname, header.name, "link target");
-      const targetName = target.join("/");
-      if ((target[0] === "dev" && target.length > 1) || this.#dropped.has(targetName)) code = "hardlink-dropped";
-    }
+    const code = dropReason(header, parts, this.#dropped);
     if (code === undefined) return false;
-
-    this.#dropped.add(parts.join("/"));
     this.stats.dropped++;
     this.warn(code);
     return true;
+  }
+
+  /**
+   * Returns true when a layer above removes or replaces a file, so that it
+   * need not be written, and records where its content is for hardlinks to
+   * it. Directories and symlinks are always written, because later entries
+   * may resolve through them, and so are hardlinks to files on disk.
+   */
+  #isHidden(header: TarHeader, parts: string[], path: string, linkSource: ContentSource | undefined): boolean {
+    const index = this.#info.index!;
+    const source = header.type === "file" ? { layer: index, entry: this.stats.entries } : header.type === "hardlink" ? linkSource : undefined;
+    if (source === undefined || !this.#hidden!.hides(parts, index, this.#tree.isLink)) return false;
+    // What the entry would have replaced goes all the same: a directory
+    // there may hold what no upper layer removes.
+    const stat = this.#tree.lstat(path);
+    if (stat !== undefined) this.#remove(path, stat);
+    this.#tree.leftOut.deleteBelow(path);
+    this.#tree.leftOut.set(path, source);
+    // Whiteouts of this layer spare the path, as they spare what it writes.
+    this.#markWritten(path);
+    return true;
+  }
+
+  /**
+   * Resolves a hardlink's target. Returns its path relative to the root
+   * (undefined when a directory on the way is missing) and, when the file
+   * there was left out, where its content is.
+   */
+  #leftOutTarget(header: TarHeader): { target?: string; source?: ContentSource } {
+    const targetParts = splitName(header.linkname, header.name, "link target");
+    if (targetParts.length === 0) {
+      throw new LayerError(`hardlink ${quoteName(header.name)} points to the root directory: the layer is malformed`, {
+        entry: header.name,
+      });
+    }
+    // A target below a missing directory or a file does not exist either.
+    const parent = this.#tree.resolveDirectory(targetParts.slice(0, -1), "lookup", header.name);
+    if (parent === undefined) return {};
+    const base = targetParts[targetParts.length - 1];
+    const target = parent === "" ? base : `${parent}/${base}`;
+    return { target, source: this.#tree.leftOut.size > 0 ? this.#tree.leftOut.get(target) : undefined };
+  }
+
+  /**
+   * Creates a hardlink whose target was left out: an empty file that gets
+   * the target's content from {@linkcode fillPlaceholders}, or a link to the
+   * file already created for the same content.
+   */
+  #writePlaceholder(path: string, source: ContentSource): void {
+    const key = `${source.layer}:${source.entry}`;
+    const absolute = this.#tree.absolute(path);
+    let placeholder = this.#placeholders.get(key);
+    const peer = placeholder?.paths[0];
+    if (peer === undefined) {
+      this.#replace(path, () => fs.closeSync(fs.openSync(absolute, OPEN_NEW, 0o600)));
+    } else if (peer !== path) {
+      this.#replace(path, () => fs.linkSync(this.#tree.absolute(peer), absolute));
+    }
+    if (placeholder === undefined) {
+      placeholder = { source, paths: [] };
+      this.#placeholders.set(key, placeholder);
+    }
+    this.#addPlaceholderPath(placeholder, path);
+  }
+
+  #addPlaceholderPath(placeholder: Placeholder, path: string): void {
+    if (!placeholder.paths.includes(path)) placeholder.paths.push(path);
+    this.#placeholderAt.set(path, placeholder);
+  }
+
+  /** Forgets left-out files and placeholders at or below a path that was removed. */
+  #forgetRemoved(path: string, directory: boolean): void {
+    this.#tree.leftOut.deleteBelow(path);
+    if (this.#placeholderAt.size === 0) return;
+    for (const [key, placeholder] of this.#placeholderAt) {
+      if (key !== path && !(directory && key.startsWith(`${path}/`))) continue;
+      placeholder.paths.splice(placeholder.paths.indexOf(key), 1);
+      this.#placeholderAt.delete(key);
+    }
+  }
+
+  /**
+   * Writes the content of left-out files into the placeholders that
+   * hardlinks to them created, with the mode, owner and mtime of the file
+   * entry, reading each layer that contains such content once more. Does
+   * nothing when there are none.
+   */
+  async fillPlaceholders(): Promise<void> {
+    const byLayer = new Map<number, Map<number, string>>();
+    for (const { source, paths } of this.#placeholders.values()) {
+      if (paths.length === 0) continue;
+      let needed = byLayer.get(source.layer);
+      if (needed === undefined) byLayer.set(source.layer, needed = new Map());
+      needed.set(source.entry, paths[0]);
+    }
+    for (const [layer, needed] of byLayer) await this.#fillFrom(this.#tree.reopen.get(layer)!(), needed);
+  }
+
+  /** Reads a layer's tar stream and writes the content of the entries in `needed` (by ordinal) to their paths. */
+  async #fillFrom(tar: ReadableStream<Uint8Array>, needed: Map<number, string>): Promise<void> {
+    let ordinal = 0;
+    let fd: number | undefined;
+    let source: TarHeader | undefined;
+    const tree = this.#tree;
+    const reader = new TarReader({
+      entry: (header) => {
+        ordinal++;
+        const path = needed.get(ordinal);
+        if (path === undefined) return;
+        this.#entry = header.name;
+        fd = fs.openSync(tree.absolute(path), fs.constants.O_WRONLY | fs.constants.O_TRUNC | (fs.constants.O_NOFOLLOW ?? 0));
+        source = header;
+      },
+      body: (chunk) => {
+        if (fd === undefined) return;
+        let written = 0;
+        while (written < chunk.length) written += fs.writeSync(fd, chunk, written, chunk.length - written);
+        this.stats.bytes += chunk.length;
+      },
+      entryEnd: () => {
+        if (fd === undefined) return;
+        const file = fd;
+        fd = undefined;
+        try {
+          // chown before chmod, because chown clears the setuid and setgid bits.
+          if (tree.owners) fs.fchownSync(file, source!.uid, source!.gid);
+          fs.fchmodSync(file, source!.mode | 0o400);
+          fs.futimesSync(file, source!.mtime, source!.mtime);
+        } finally {
+          fs.closeSync(file);
+        }
+      },
+    });
+
+    const input = tar.getReader();
+    try {
+      for (;;) {
+        const { done, value } = await input.read();
+        if (done) break;
+        reader.push(value);
+      }
+      reader.end();
+    } catch (error) {
+      input.cancel(error).catch(() => {});
+      throw this.#wrap(error);
+    } finally {
+      input.releaseLock();
+      if (fd !== undefined) fs.closeSync(fd);
+    }
   }
 
   #markWritten(path: string): void {
@@ -625,6 +833,8 @@ class LayerWriter implements TarHandler {
 
   /** Removes what lower layers put at `path`, sparing every path this layer wrote. */
   #removeLower(path: string): void {
+    // Files of lower layers that were left out go too; this layer's stay.
+    this.#tree.leftOut.deleteBelow(path, this.#info.index ?? Infinity);
     const stat = this.#tree.lstat(path);
     if (stat === undefined) return;
     const spared = this.#written.has(path) || this.#writtenAncestors.has(path);
@@ -640,6 +850,7 @@ class LayerWriter implements TarHandler {
 
   /** Removes whatever is at `path`, without following a symlink there. */
   #remove(path: string, stat: fs.Stats): void {
+    this.#forgetRemoved(path, stat.isDirectory());
     const absolute = this.#tree.absolute(path);
     if (stat.isDirectory()) {
       fs.rmSync(absolute, { recursive: true, force: true });
@@ -705,6 +916,7 @@ class LayerWriter implements TarHandler {
     }
     const absolute = this.#tree.absolute(path);
     this.#replace(path, () => fs.symlinkSync(header.linkname, absolute));
+    this.#tree.links.add(path);
     if (this.#tree.owners) fs.lchownSync(absolute, header.uid, header.gid);
     try {
       fs.lutimesSync(absolute, header.mtime, header.mtime);
@@ -716,17 +928,16 @@ class LayerWriter implements TarHandler {
     this.stats.symlinks++;
   }
 
-  #writeHardlink(path: string, header: TarHeader): void {
-    const targetParts = splitName(header.linkname, header.name, "link target");
-    if (targetParts.length === 0) {
-      throw new LayerError(`hardlink ${quoteName(header.name)} points to the root directory: the layer is malformed`, {
-        entry: header.name,
-      });
+  #writeHardlink(path: string, header: TarHeader, target: string | undefined, source: ContentSource | undefined): void {
+    this.#tree.links.add(path);
+    if (source !== undefined) {
+      this.#writePlaceholder(path, source);
+      this.#markWritten(path);
+      this.stats.hardlinks++;
+      return;
     }
-    const targetParent = this.#tree.resolveDirectory(targetParts.slice(0, -1), "require", header.name)!;
-    const targetBase = targetParts[targetParts.length - 1];
-    const target = targetParent === "" ? targetBase : `${targetParent}/${targetBase}`;
-    const stat = this.#tree.lstat(target);
+
+    const stat = target === undefined ? undefined : this.#tree.lstat(target);
     if (stat === undefined || stat.isDirectory()) {
       const problem = stat === undefined ? "does not exist" : "is a directory";
       throw new LayerError(
@@ -734,14 +945,22 @@ class LayerWriter implements TarHandler {
         { entry: header.name },
       );
     }
-    if (target !== path) {
-      const existing = this.#tree.absolute(target);
+    if (target! !== path) {
+      const existing = this.#tree.absolute(target!);
       const absolute = this.#tree.absolute(path);
       this.#replace(path, () => fs.linkSync(existing, absolute));
+      const placeholder = this.#placeholderAt.get(target!);
+      if (placeholder !== undefined) this.#addPlaceholderPath(placeholder, path);
     }
     this.#markWritten(path);
     this.stats.hardlinks++;
   }
+}
+
+/** An empty file made for a hardlink whose target was left out, and every path linked to it. */
+interface Placeholder {
+  source: ContentSource;
+  paths: string[];
 }
 
 function isUnsupported(error: unknown): boolean {
