@@ -13,6 +13,11 @@
  * file is claimable when its process is gone, or when it belongs to this
  * process and no download in it is using the file.
  *
+ * `changes/sha256/<hex>.json` records what each layer blob changes (its
+ * paths by kind, see `LayerChanges`), read once from the verified blob, so
+ * that later stages know which lower entries to leave out without reading
+ * the upper layers twice. Other OCI tools ignore this directory.
+ *
  * @module
  */
 import * as fs from "node:fs";
@@ -20,6 +25,7 @@ import * as path from "node:path";
 import * as os from "node:os";
 import { checkContent, createSha256, type Digest, type HasherBackend, parseDigest, type Sha256 } from "./digest.ts";
 import { DigestMismatchError } from "./errors.ts";
+import { type LayerChanges, parseLayerChanges } from "./layer/changes.ts";
 
 /** A content descriptor as in the OCI image spec. */
 export interface BlobDescriptor {
@@ -337,6 +343,35 @@ export class BlobCache {
     } finally {
       fs.closeSync(handle);
     }
+  }
+
+  /** Return the recorded changes of a layer blob, or undefined when none are recorded or the record is damaged. */
+  readChanges(digest: Digest): LayerChanges | undefined {
+    let text: string;
+    try {
+      text = fs.readFileSync(this.#changesPath(digest), "utf8");
+    } catch {
+      return undefined;
+    }
+    return parseLayerChanges(text);
+  }
+
+  /**
+   * Record the changes of a layer blob, read from content that matched its
+   * digest. A cache that cannot be written only loses the record.
+   */
+  writeChanges(digest: Digest, changes: LayerChanges): void {
+    const file = this.#changesPath(digest);
+    try {
+      fs.mkdirSync(path.dirname(file), { recursive: true });
+      writeFileAtomic(file, JSON.stringify(changes));
+    } catch {
+      // The record only saves reading the layer again.
+    }
+  }
+
+  #changesPath(digest: Digest): string {
+    return path.join(this.dir, "changes", "sha256", `${parseDigest(digest).slice("sha256:".length)}.json`);
   }
 
   /** Return the descriptors listed in `index.json`. */

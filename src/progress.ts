@@ -55,6 +55,8 @@ export interface LayerEvent {
   read: number;
   total: number;
   done: boolean;
+  /** On the final event: files and hardlinks left out because an upper layer removes or replaces them. */
+  hidden?: number;
 }
 
 /** Any event the library reports. */

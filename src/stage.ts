@@ -17,8 +17,9 @@ import { RegistryClient, type RegistryClientOptions } from "./registry/client.ts
 import { chainCredentials, credentialsExcept, dockerConfigCredentials, environmentCredentials } from "./registry/auth.ts";
 import { mirrorHosts } from "./mirrors.ts";
 import { explainMissingTag, type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
-import { LayerApplier } from "./layer/apply.ts";
-import { compressionFromMediaType, DecoderWorkers, decompressBlobFile } from "./layer/decompress.ts";
+import { LayerApplier, type LayerStats } from "./layer/apply.ts";
+import { HiddenPaths, type LayerChanges, readLayerChanges } from "./layer/changes.ts";
+import { compressionFromMediaType, DecoderWorkers, decompressBlobFile, openedOnRead } from "./layer/decompress.ts";
 
 /** Options shared by {@link track}, {@link fetchImage} and {@link stage}. */
 export interface PullOptions extends RegistryClientOptions {
@@ -52,6 +53,13 @@ export interface StageOptions extends FetchOptions {
    * decompress on their thread pool already. Default false.
    */
   decodeWorker?: boolean;
+  /**
+   * Write every entry, also the files and directories that an upper layer
+   * removes or replaces. By default those are left out: `stage` reads the
+   * tar headers of the upper layers before it writes the lower ones, once
+   * per layer blob, and records what it found in the cache. Default false.
+   */
+  writeHidden?: boolean;
 }
 
 /** The outcome of {@link track}. */
@@ -181,28 +189,44 @@ export async function fetchImage(image: string | ImageReference, options: FetchO
 export async function stage(image: string | ImageReference, target: string, options: StageOptions = {}): Promise<StageResult> {
   const created = prepareTarget(target);
   const workers = new DecoderWorkers();
+  let changes: Promise<LayerChanges | undefined>[] = [];
+  let hidden: Promise<HiddenPaths> | undefined;
   try {
     const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
-    const result = await pull(image, options, async (cache, layer, index, count, diffId) => {
-      const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
-      // gzip has a CRC, but a zstd frame's checksum is optional and fzstd
-      // skips it, so zstd layers are checked against the config's diff_id.
-      const checkDiffId = diffId !== undefined && (compression === "zstd" || compression === "auto");
-      let tar = decompressBlobFile(cache.blobPath(layer.digest), compression, {
-        hasher: options.hasher,
-        onEnd: (received, actual) => cache.checkStored(layer.digest, layer.size, received, actual),
-        worker: options.decodeWorker,
-        workers,
-        // The verifying stream below reads one chunk ahead of the applier.
-        reuseChunks: !checkDiffId,
-      });
-      if (checkDiffId) tar = tar.pipeThrough(await createVerifyStream({ digest: diffId, label: `layer ${layer.digest} decompressed` }, options.hasher));
-      try {
-        await applier.applyLayer(tar, { digest: layer.digest, index });
-      } catch (error) {
-        throw await explainLayerFailure(error, cache, layer);
-      }
-      options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true });
+    const result = await pull(image, options, {
+      start(cache, layers, downloads) {
+        if (!options.writeHidden) changes = upperLayerChanges(cache, layers, downloads, options, workers);
+      },
+      async apply(cache, layer, index, count, diffId) {
+        const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
+        // gzip has a CRC, but a zstd frame's checksum is optional and fzstd
+        // skips it, so zstd layers are checked against the config's diff_id.
+        const checkDiffId = diffId !== undefined && (compression === "zstd" || compression === "auto");
+        const open = async () => {
+          const tar = decompressBlobFile(cache.blobPath(layer.digest), compression, {
+            hasher: options.hasher,
+            onEnd: (received, actual) => cache.checkStored(layer.digest, layer.size, received, actual),
+            worker: options.decodeWorker,
+            workers,
+            // The verifying stream below reads one chunk ahead of the applier.
+            reuseChunks: !checkDiffId,
+          });
+          if (!checkDiffId) return tar;
+          return tar.pipeThrough(await createVerifyStream({ digest: diffId, label: `layer ${layer.digest} decompressed` }, options.hasher));
+        };
+        const tar = await open();
+
+        if (changes.length > 1) hidden ??= Promise.all(changes).then((list) => new HiddenPaths(list));
+        const hiddenPaths = await hidden;
+        const reopen = () => openedOnRead(open);
+        let stats: LayerStats;
+        try {
+          stats = await applier.applyLayer(tar, { digest: layer.digest, index }, hiddenPaths ? { hidden: hiddenPaths, reopen } : {});
+        } catch (error) {
+          throw await explainLayerFailure(error, cache, layer);
+        }
+        options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true, hidden: stats.hidden });
+      },
     });
     applier.finish();
     return { ...result, target };
@@ -212,12 +236,76 @@ export async function stage(image: string | ImageReference, target: string, opti
     clearTarget(target, created);
     throw error;
   } finally {
+    // Reads of upper layers that are still running end before the workers do.
+    await Promise.allSettled(changes);
     workers.close();
   }
 }
 
-/** Applies one layer that is in the cache; `diffId` is its uncompressed digest from the image config, when the config states one. */
-type LayerSink = (cache: BlobCache, layer: Descriptor, index: number, count: number, diffId: Digest | undefined) => Promise<void>;
+/**
+ * Returns, for each layer above the lowest, a promise of its changes: the
+ * record in the cache, or else read from the blob once it has arrived, one
+ * blob at a time. A layer whose changes cannot be read resolves to
+ * undefined, which makes the applier write every entry of the layers below
+ * it; applying the layer then reports the problem.
+ */
+function upperLayerChanges(
+  cache: BlobCache,
+  layers: Descriptor[],
+  downloads: Map<string, Promise<void>>,
+  options: StageOptions,
+  workers: DecoderWorkers,
+): Promise<LayerChanges | undefined>[] {
+  const byDigest = new Map<string, Promise<LayerChanges | undefined>>();
+  let queue: Promise<unknown> = Promise.resolve();
+  const read = (layer: Descriptor): Promise<LayerChanges | undefined> => {
+    const recorded = cache.readChanges(layer.digest);
+    if (recorded !== undefined) return Promise.resolve(recorded);
+    return downloads.get(layer.digest)!.then(() => {
+      const scan = queue.then(() => readChangesFromBlob(cache, layer, options, workers));
+      queue = scan.catch(() => {});
+      return scan;
+    }).catch(() => undefined);
+  };
+
+  const changes: Promise<LayerChanges | undefined>[] = [Promise.resolve(undefined)];
+  for (let index = 1; index < layers.length; index++) {
+    const layer = layers[index];
+    let promise = byDigest.get(layer.digest);
+    if (promise === undefined) {
+      promise = read(layer);
+      byDigest.set(layer.digest, promise);
+    }
+    changes.push(promise);
+  }
+  return changes;
+}
+
+/** Reads the changes of a layer blob from its tar headers, and records them in the cache when the blob matched its digest. */
+async function readChangesFromBlob(cache: BlobCache, layer: Descriptor, options: StageOptions, workers: DecoderWorkers): Promise<LayerChanges | undefined> {
+  let intact = false;
+  const tar = decompressBlobFile(cache.blobPath(layer.digest), compressionFromMediaType(layer.mediaType ?? "") ?? "auto", {
+    hasher: options.hasher,
+    // A damaged blob is reported, and removed, by the applier; here its changes are only not trusted.
+    onEnd: (received, actual) => {
+      intact = received === layer.size && actual === layer.digest;
+    },
+    worker: options.decodeWorker,
+    workers,
+    reuseChunks: true,
+  });
+  const changes = await readLayerChanges(tar);
+  if (!intact) return undefined;
+  cache.writeChanges(layer.digest, changes);
+  return changes;
+}
+
+/** Applies the layers of an image: `start` is called once the downloads have started, then `apply` for each layer in order. */
+interface LayerSink {
+  start?(cache: BlobCache, layers: Descriptor[], downloads: Map<string, Promise<void>>): void;
+  /** Applies one layer that is in the cache; `diffId` is its uncompressed digest from the image config, when the config states one. */
+  apply(cache: BlobCache, layer: Descriptor, index: number, count: number, diffId: Digest | undefined): Promise<void>;
+}
 
 async function pull(image: string | ImageReference, options: FetchOptions, sink: LayerSink | undefined): Promise<FetchResult> {
   const platform = toPlatform(options.platform);
@@ -284,9 +372,10 @@ async function pullFrom(
   const pending = downloadAll(layers, options.concurrency ?? 3, download);
   try {
     if (sink) {
+      sink.start?.(cache, layers, pending);
       for (let index = 0; index < layers.length; index++) {
         await pending.get(layers[index].digest);
-        await sink(cache, layers[index], index, layers.length, diffIds[index]);
+        await sink.apply(cache, layers[index], index, layers.length, diffIds[index]);
       }
     }
     await Promise.all(pending.values());

@@ -118,6 +118,10 @@ writable, and nothing is written outside DIR.
                                 thread while files are written: on Deno
                                 about 20% faster, with up to about 90 MiB
                                 more memory; no speed gain on Node and Bun
+  --write-hidden                also write the files that an upper layer
+                                removes or replaces (by default they are
+                                left out, found from the upper layers' tar
+                                headers, which the cache records)
 
 ${SOURCES}${COMMON}`,
   export: `Usage: ocistage export IMAGE|ELEMENT [-o FILE] [options]
@@ -136,6 +140,7 @@ mtime (whole seconds); owners are kept when running as root, else 0.
                                 which must not be a terminal; "-" means
                                 standard output)
   --decode-worker               as for stage
+  --write-hidden                as for stage
 
 ${SOURCES}${COMMON}`,
   inspect: `Usage: ocistage inspect IMAGE|ELEMENT [--tags] [--json] [options]

@@ -44,6 +44,7 @@ const OPTIONS = {
   concurrency: { type: "string" },
   hasher: { type: "string" },
   "decode-worker": { type: "boolean" },
+  "write-hidden": { type: "boolean" },
   "allow-foreign-urls": { type: "boolean" },
   mirror: { type: "string", multiple: true },
   "mirrors-file": { type: "string" },
@@ -218,8 +219,10 @@ function checkCommandFlags(command: Command, flags: Flags, io: CliIo): void {
     throw new UsageError(`-o/--output applies to export only; "${command}" writes to standard output`);
   }
   if (flags.tags && command !== "inspect") throw new UsageError(`--tags applies to inspect only, not to "${command}"`);
-  if (flags["decode-worker"] && command !== "stage" && command !== "export") {
-    throw new UsageError(`--decode-worker applies to stage and export only, not to "${command}"`);
+  for (const flag of ["decode-worker", "write-hidden"] as const) {
+    if (flags[flag] && command !== "stage" && command !== "export") {
+      throw new UsageError(`--${flag} applies to stage and export only, not to "${command}"`);
+    }
   }
   if (command === "key") {
     // The key comes from the element's own registry-url, image and ref.
@@ -372,6 +375,7 @@ function writeFileKeepingMode(file: string, text: string): void {
 async function pullOptions(flags: Flags, io: CliIo, reporter: ProgressReporter): Promise<StageOptions> {
   const options: StageOptions = { onEvent: (event) => reporter.handle(event) };
   if (flags["decode-worker"]) options.decodeWorker = true;
+  if (flags["write-hidden"]) options.writeHidden = true;
   if (flags.platform !== undefined) options.platform = flags.platform;
   if (flags.cache !== undefined) options.cache = flags.cache;
   if (flags["plain-http"]) options.plainHttp = true;

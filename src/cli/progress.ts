@@ -77,7 +77,10 @@ export class ProgressReporter {
         this.#download(event.digest, event.received, event.total, event.done, event.cached === true);
         break;
       case "layer":
-        if (event.done) this.#line(`applied layer ${event.index + 1}/${event.count} ${shortDigest(event.digest)}`);
+        if (event.done) {
+          const hidden = event.hidden ? ` (left out ${event.hidden} ${event.hidden === 1 ? "file" : "files"} that upper layers hide)` : "";
+          this.#line(`applied layer ${event.index + 1}/${event.count} ${shortDigest(event.digest)}${hidden}`);
+        }
         break;
     }
   }

@@ -441,7 +441,7 @@ export function decompressBlobFile(file: string, compression: Compression | "aut
 }
 
 /** Returns a stream that calls `open` on its first read and then passes on what the opened stream gives. */
-function openedOnRead(open: () => Promise<ReadableStream<Uint8Array>>): ReadableStream<Uint8Array> {
+export function openedOnRead(open: () => Promise<ReadableStream<Uint8Array>>): ReadableStream<Uint8Array> {
   let reader: ReadableStreamDefaultReader<Uint8Array> | undefined;
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
