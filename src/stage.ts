@@ -18,7 +18,7 @@ import { chainCredentials, credentialsExcept, dockerConfigCredentials, environme
 import { mirrorHosts } from "./mirrors.ts";
 import { explainMissingTag, type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
 import { LayerApplier, type LayerStats } from "./layer/apply.ts";
-import { HiddenPaths, type LayerChanges, readLayerChanges } from "./layer/changes.ts";
+import { ChangeRecorder, HiddenPaths, type LayerChanges } from "./layer/changes.ts";
 import { compressionFromMediaType, DecoderWorkers, decompressBlobFile, openedOnRead } from "./layer/decompress.ts";
 
 /** Options shared by {@link track}, {@link fetchImage} and {@link stage}. */
@@ -54,10 +54,10 @@ export interface StageOptions extends FetchOptions {
    */
   decodeWorker?: boolean;
   /**
-   * Write every entry, also the files and directories that an upper layer
-   * removes or replaces. By default those are left out: `stage` reads the
-   * tar headers of the upper layers before it writes the lower ones, once
-   * per layer blob, and records what it found in the cache. Default false.
+   * Write every entry, also the files that an upper layer removes or
+   * replaces. By default those are left out when the cache has a record of
+   * every upper layer's changes, which each stage writes for the layers it
+   * applies. Default false.
    */
   writeHidden?: boolean;
 }
@@ -195,7 +195,7 @@ export async function stage(image: string | ImageReference, target: string, opti
     const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
     const result = await pull(image, options, {
       start(cache, layers, downloads) {
-        if (!options.writeHidden) changes = upperLayerChanges(cache, layers, downloads, options, workers);
+        if (!options.writeHidden) changes = recordedChanges(cache, layers);
       },
       async apply(cache, layer, index, count, diffId) {
         const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
@@ -220,11 +220,14 @@ export async function stage(image: string | ImageReference, target: string, opti
         const hiddenPaths = await hidden;
         const reopen = () => openedOnRead(open);
         let stats: LayerStats;
+        const record = options.writeHidden || cache.readChanges(layer.digest) ? undefined : new ChangeRecorder();
         try {
-          stats = await applier.applyLayer(tar, { digest: layer.digest, index }, hiddenPaths ? { hidden: hiddenPaths, reopen } : {});
+          stats = await applier.applyLayer(tar, { digest: layer.digest, index }, hiddenPaths ? { hidden: hiddenPaths, reopen, record } : { record });
         } catch (error) {
           throw await explainLayerFailure(error, cache, layer);
         }
+        // The stream checked the blob's digest at its end, so the record describes the right content.
+        if (record !== undefined) cache.writeChanges(layer.digest, record.changes);
         options.onEvent?.({ type: "layer", digest: layer.digest, index, count, read: layer.size, total: layer.size, done: true, hidden: stats.hidden });
       },
     });
@@ -243,60 +246,19 @@ export async function stage(image: string | ImageReference, target: string, opti
 }
 
 /**
- * Returns, for each layer above the lowest, a promise of its changes: the
- * record in the cache, or else read from the blob once it has arrived, one
- * blob at a time. A layer whose changes cannot be read resolves to
- * undefined, which makes the applier write every entry of the layers below
- * it; applying the layer then reports the problem.
+ * Returns, for each layer above the lowest, its changes as recorded in the
+ * cache by an earlier stage, or an empty list when a layer has no record.
+ * Reading the upper layers before the lower ones costs a stage without
+ * records more than leaving out hidden files saves, so the first stage of
+ * an image writes every file and records each layer's changes as it goes.
  */
-function upperLayerChanges(
-  cache: BlobCache,
-  layers: Descriptor[],
-  downloads: Map<string, Promise<void>>,
-  options: StageOptions,
-  workers: DecoderWorkers,
-): Promise<LayerChanges | undefined>[] {
-  const byDigest = new Map<string, Promise<LayerChanges | undefined>>();
-  let queue: Promise<unknown> = Promise.resolve();
-  const read = (layer: Descriptor): Promise<LayerChanges | undefined> => {
-    const recorded = cache.readChanges(layer.digest);
-    if (recorded !== undefined) return Promise.resolve(recorded);
-    return downloads.get(layer.digest)!.then(() => {
-      const scan = queue.then(() => readChangesFromBlob(cache, layer, options, workers));
-      queue = scan.catch(() => {});
-      return scan;
-    }).catch(() => undefined);
-  };
-
+function recordedChanges(cache: BlobCache, layers: Descriptor[]): Promise<LayerChanges | undefined>[] {
   const changes: Promise<LayerChanges | undefined>[] = [Promise.resolve(undefined)];
   for (let index = 1; index < layers.length; index++) {
-    const layer = layers[index];
-    let promise = byDigest.get(layer.digest);
-    if (promise === undefined) {
-      promise = read(layer);
-      byDigest.set(layer.digest, promise);
-    }
-    changes.push(promise);
+    const recorded = cache.readChanges(layers[index].digest);
+    if (recorded === undefined) return [];
+    changes.push(Promise.resolve(recorded));
   }
-  return changes;
-}
-
-/** Reads the changes of a layer blob from its tar headers, and records them in the cache when the blob matched its digest. */
-async function readChangesFromBlob(cache: BlobCache, layer: Descriptor, options: StageOptions, workers: DecoderWorkers): Promise<LayerChanges | undefined> {
-  let intact = false;
-  const tar = decompressBlobFile(cache.blobPath(layer.digest), compressionFromMediaType(layer.mediaType ?? "") ?? "auto", {
-    hasher: options.hasher,
-    // A damaged blob is reported, and removed, by the applier; here its changes are only not trusted.
-    onEnd: (received, actual) => {
-      intact = received === layer.size && actual === layer.digest;
-    },
-    worker: options.decodeWorker,
-    workers,
-    reuseChunks: true,
-  });
-  const changes = await readLayerChanges(tar);
-  if (!intact) return undefined;
-  cache.writeChanges(layer.digest, changes);
   return changes;
 }
 

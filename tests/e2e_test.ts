@@ -104,6 +104,50 @@ describe("end to end against the distribution registry", { skip }, () => {
     });
   }
 
+  test("stage records changes, then leaves out hidden files", async () => {
+    const layers: TarEntrySpec[][] = [
+      [
+        { path: "doc/", type: "dir" },
+        { path: "doc/a", content: "a\n" },
+        { path: "doc/b", content: "b\n" },
+        { path: "bin/tool", content: "old\n" },
+        { path: "lib/libx", content: "library\n", mode: 0o755 },
+        { path: "lib/liby", type: "hardlink", linkname: "lib/libx" },
+      ],
+      [{ path: ".wh.doc", content: "" }, { path: "bin/tool", content: "new\n" }, { path: "lib/.wh.libx", content: "" }],
+    ];
+    await pushLayers(registry, "hidden/files", "v1", layers, ["gzip"], "oci");
+    const ownCache = tempDir("hidden-cache");
+    const stageWith = async (flags: string[]) => {
+      const target = path.join(tempDir("hidden"), "rootfs");
+      const run = await runCliProcess(["stage", `${registry.host}/hidden/files:v1`, target, "--cache", ownCache, "--json", ...flags]);
+      assert.equal(run.code, 0, run.stderr);
+      const events = run.stderr.trim().split("\n").map((line) => JSON.parse(line));
+      const hidden = events.filter((event) => event.type === "layer").map((event) => event.hidden);
+      return { target, hidden };
+    };
+
+    const first = await stageWith([]);
+    assert.deepEqual(first.hidden, [0, 0], "without records every file is written");
+    const records = fs.readdirSync(path.join(ownCache, "changes", "sha256"));
+    assert.equal(records.length, 2, "the changes of both layers are recorded");
+
+    const second = await stageWith([]);
+    assert.deepEqual(second.hidden, [4, 0]);
+    const written = await stageWith(["--write-hidden"]);
+    assert.deepEqual(written.hidden, [0, 0]);
+
+    // Directories without an entry of their own get the time of the stage as mtime.
+    const comparable = (dir: string) =>
+      [...snapshotTree(dir)].map(([name, { ino: _ino, mtime, ...entry }]) => [name, { ...entry, mtime: entry.type === "dir" ? 0 : mtime }]);
+    assert.deepEqual(comparable(first.target), comparable(written.target));
+    assert.deepEqual(comparable(second.target), comparable(written.target));
+    assert.deepEqual(fs.readdirSync(first.target).sort(), ["bin", "lib"]);
+    assert.equal(fs.readFileSync(path.join(first.target, "bin/tool"), "utf8"), "new\n");
+    assert.equal(fs.readFileSync(path.join(first.target, "lib/liby"), "utf8"), "library\n");
+    assert.equal(fs.statSync(path.join(first.target, "lib/liby")).mode & 0o777, 0o755);
+  });
+
   test("stage picks the platform from a multi-platform index", async () => {
     const platforms = [
       { os: "linux", architecture: "amd64" },

@@ -120,8 +120,8 @@ writable, and nothing is written outside DIR.
                                 more memory; no speed gain on Node and Bun
   --write-hidden                also write the files that an upper layer
                                 removes or replaces (by default they are
-                                left out, found from the upper layers' tar
-                                headers, which the cache records)
+                                left out once the cache has a record of
+                                each layer's changes from an earlier stage)
 
 ${SOURCES}${COMMON}`,
   export: `Usage: ocistage export IMAGE|ELEMENT [-o FILE] [options]

@@ -81,7 +81,7 @@ import { LayerError } from "../errors.ts";
 import type { EventHandler } from "../progress.ts";
 import { type TarHandler, type TarHeader, TarReader } from "./tar.ts";
 import { quoteName, splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
-import { type ContentSource, dropReason, type HiddenPaths, LeftOutFiles } from "./changes.ts";
+import { type ChangeRecorder, type ContentSource, dropReason, type HiddenPaths, LeftOutFiles } from "./changes.ts";
 
 /** Maximum number of symlinks followed while resolving one path, as Linux's `MAXSYMLINKS`. */
 export const MAX_SYMLINKS = 40;
@@ -120,6 +120,8 @@ export interface LayerApplyOptions {
    * a file that was left out, to read that file's content.
    */
   reopen?: () => ReadableStream<Uint8Array>;
+  /** Records the layer's changes while it is applied, for {@linkcode HiddenPaths} in later stages. */
+  record?: ChangeRecorder;
 }
 
 /** Counts of what one layer changed. */
@@ -222,7 +224,7 @@ export class LayerApplier {
       throw new TypeError("applyLayer() with hidden paths needs a reopen function and the layer index");
     }
     if (reopen !== undefined && info.index !== undefined) this.#tree.reopen.set(info.index, reopen);
-    const writer = new LayerWriter(this.#tree, info, hidden);
+    const writer = new LayerWriter(this.#tree, info, hidden, options.record);
     const reader = new TarReader(writer);
     const input = tar.getReader();
     try {
@@ -474,6 +476,7 @@ class LayerWriter implements TarHandler {
   readonly #tree: RootTree;
   readonly #info: LayerInfo;
   readonly #hidden?: HiddenPaths;
+  readonly #recorder?: ChangeRecorder;
   /** Whether hidden entries are left out in this layer. */
   readonly #leaveOut: boolean;
   /** Files that stand in for left-out content, by `layer:entry` of the content. */
@@ -490,7 +493,8 @@ class LayerWriter implements TarHandler {
   #fd: number | undefined;
   #file?: TarHeader;
 
-  constructor(tree: RootTree, info: LayerInfo, hidden?: HiddenPaths) {
+  constructor(tree: RootTree, info: LayerInfo, hidden?: HiddenPaths, recorder?: ChangeRecorder) {
+    this.#recorder = recorder;
     this.#tree = tree;
     this.#info = info;
     this.#hidden = hidden;
@@ -503,6 +507,7 @@ class LayerWriter implements TarHandler {
     this.stats.entries++;
     try {
       this.#applyEntry(header);
+      this.#recorder?.entry(header);
     } catch (error) {
       throw this.#wrap(error);
     }
