@@ -18,7 +18,7 @@ import { chainCredentials, credentialsExcept, dockerConfigCredentials, environme
 import { mirrorHosts } from "./mirrors.ts";
 import { explainMissingTag, type ImageSource, isLocalSource, openImageSource } from "./image-source.ts";
 import { LayerApplier, type LayerStats } from "./layer/apply.ts";
-import { ChangeRecorder, HiddenPaths, type LayerChanges } from "./layer/changes.ts";
+import { ChangeRecorder, HiddenPaths, type LayerChanges, readLayerChanges } from "./layer/changes.ts";
 import { compressionFromMediaType, DecoderWorkers, decompressBlobFile, openedOnRead } from "./layer/decompress.ts";
 
 /** Options shared by {@link track}, {@link fetchImage} and {@link stage}. */
@@ -189,13 +189,19 @@ export async function fetchImage(image: string | ImageReference, options: FetchO
 export async function stage(image: string | ImageReference, target: string, options: StageOptions = {}): Promise<StageResult> {
   const created = prepareTarget(target);
   const workers = new DecoderWorkers();
+  let plan: ChangesPlan | undefined;
   let changes: Promise<LayerChanges | undefined>[] = [];
   let hidden: Promise<HiddenPaths> | undefined;
   try {
     const applier = new LayerApplier(target, { onEvent: options.onEvent, owners: options.owners });
     const result = await pull(image, options, {
+      prepare(cache, layers) {
+        if (options.writeHidden) return [];
+        plan = planChanges(cache, layers);
+        return [...plan.readAhead].map((index) => layers[index].digest);
+      },
       start(cache, layers, downloads) {
-        if (!options.writeHidden) changes = recordedChanges(cache, layers);
+        if (plan !== undefined) changes = plannedChanges(plan, cache, layers, downloads, options);
       },
       async apply(cache, layer, index, count, diffId) {
         const compression = compressionFromMediaType(layer.mediaType ?? "") ?? "auto";
@@ -246,24 +252,88 @@ export async function stage(image: string | ImageReference, target: string, opti
 }
 
 /**
- * Returns, for each layer above the lowest, its changes as recorded in the
- * cache by an earlier stage, or an empty list when a layer has no record.
- * Reading the upper layers before the lower ones costs a stage without
- * records more than leaving out hidden files saves, so the first stage of
- * an image writes every file and records each layer's changes as it goes.
+ * An upper layer without a record is read ahead of the lower layers when
+ * its blob is at most this share of the blobs below it. Reading a layer
+ * costs a second decompression of it, which pays off for a small top layer
+ * that removes or replaces many files of a large base, the usual shape.
  */
-function recordedChanges(cache: BlobCache, layers: Descriptor[]): Promise<LayerChanges | undefined>[] {
-  const changes: Promise<LayerChanges | undefined>[] = [Promise.resolve(undefined)];
+const READ_AHEAD_SHARE = 1 / 8;
+
+/** The changes of the upper layers that are available before the layers are applied. */
+interface ChangesPlan {
+  /** Changes recorded in the cache, by layer index. */
+  recorded: (LayerChanges | undefined)[];
+  /** Layers to read ahead, by layer index: small ones without a record. */
+  readAhead: Set<number>;
+}
+
+/** Finds the recorded changes of the layers above the lowest, and the layers worth reading ahead. */
+function planChanges(cache: BlobCache, layers: Descriptor[]): ChangesPlan {
+  const plan: ChangesPlan = { recorded: [undefined], readAhead: new Set() };
+  const planned = new Set<string>();
+  let below = layers[0]?.size ?? 0;
   for (let index = 1; index < layers.length; index++) {
-    const recorded = cache.readChanges(layers[index].digest);
-    if (recorded === undefined) return [];
-    changes.push(Promise.resolve(recorded));
+    const layer = layers[index];
+    const recorded = cache.readChanges(layer.digest);
+    plan.recorded.push(recorded);
+    if (recorded === undefined && layer.size <= below * READ_AHEAD_SHARE && !planned.has(layer.digest)) {
+      plan.readAhead.add(index);
+      planned.add(layer.digest);
+    }
+    below += layer.size;
   }
+  return plan;
+}
+
+/**
+ * Returns, for each layer, a promise of its changes: the record, the
+ * changes read from the blob once it has arrived for a layer read ahead,
+ * or undefined. Returns an empty list when no upper layer's changes will
+ * be known.
+ */
+function plannedChanges(
+  plan: ChangesPlan,
+  cache: BlobCache,
+  layers: Descriptor[],
+  downloads: Map<string, Promise<void>>,
+  options: StageOptions,
+): Promise<LayerChanges | undefined>[] {
+  if (plan.readAhead.size === 0 && plan.recorded.every((changes) => changes === undefined)) return [];
+  const reads = new Map<string, Promise<LayerChanges | undefined>>();
+  return layers.map((layer, index) => {
+    if (!plan.readAhead.has(index)) return Promise.resolve(plan.recorded[index]);
+    let read = reads.get(layer.digest);
+    if (read === undefined) {
+      read = downloads.get(layer.digest)!.then(() => readChangesFromBlob(cache, layer, options)).catch(() => undefined);
+      reads.set(layer.digest, read);
+    }
+    return read;
+  });
+}
+
+/** Reads the changes of a layer blob from its tar headers, and records them in the cache when the blob matched its digest. */
+async function readChangesFromBlob(cache: BlobCache, layer: Descriptor, options: StageOptions): Promise<LayerChanges | undefined> {
+  let intact = false;
+  const tar = decompressBlobFile(cache.blobPath(layer.digest), compressionFromMediaType(layer.mediaType ?? "") ?? "auto", {
+    hasher: options.hasher,
+    // A damaged blob is reported, and removed, by the applier. Here its changes are only not trusted.
+    onEnd: (received, actual) => {
+      intact = received === layer.size && actual === layer.digest;
+    },
+  });
+  const changes = await readLayerChanges(tar);
+  if (!intact) return undefined;
+  cache.writeChanges(layer.digest, changes);
   return changes;
 }
 
-/** Applies the layers of an image: `start` is called once the downloads have started, then `apply` for each layer in order. */
+/**
+ * Applies the layers of an image: `prepare` is called before the downloads
+ * start, `start` once they have started, then `apply` for each layer in order.
+ */
 interface LayerSink {
+  /** Returns the digests of blobs to download right after the lowest layer's. */
+  prepare?(cache: BlobCache, layers: Descriptor[]): string[];
   start?(cache: BlobCache, layers: Descriptor[], downloads: Map<string, Promise<void>>): void;
   /** Applies one layer that is in the cache; `diffId` is its uncompressed digest from the image config, when the config states one. */
   apply(cache: BlobCache, layer: Descriptor, index: number, count: number, diffId: Digest | undefined): Promise<void>;
@@ -331,7 +401,8 @@ async function pullFrom(
   if (!resolved.indexDigest) checkImagePlatform(config, platform, options.platform !== undefined, source.name, options);
   const diffIds = sink ? configDiffIds(config, manifest.layers.length) : [];
   const layers = manifest.layers;
-  const pending = downloadAll(layers, options.concurrency ?? 3, download);
+  const early = sink?.prepare?.(cache, layers) ?? [];
+  const pending = downloadAll(layers, options.concurrency ?? 3, download, early);
   try {
     if (sink) {
       sink.start?.(cache, layers, pending);
@@ -433,12 +504,14 @@ function checkImagePlatform(configBytes: Uint8Array, requested: Platform, explic
 
 /**
  * Start the downloads of the distinct layers, at most `concurrency` at once,
- * in manifest order, and return each layer's completion by digest.
+ * in manifest order except that the blobs in `early` follow the first
+ * layer's, and return each layer's completion by digest.
  */
 function downloadAll(
   layers: Descriptor[],
   concurrency: number,
   download: (descriptor: Descriptor) => Promise<void>,
+  early: string[] = [],
 ): Map<string, Promise<void>> {
   if (!Number.isInteger(concurrency) || concurrency < 1) {
     throw new RangeError(`invalid concurrency ${concurrency}: pass a whole number of at least 1`);
@@ -447,6 +520,9 @@ function downloadAll(
   for (const layer of layers) if (!distinct.has(layer.digest)) distinct.set(layer.digest, layer);
 
   const queue = [...distinct.values()];
+  const first = queue[0];
+  const rank = (layer: Descriptor) => (layer === first ? 0 : early.includes(layer.digest) ? 1 : 2);
+  queue.sort((a, b) => rank(a) - rank(b));
   const waiters = new Map<string, { promise: Promise<void>; resolve: () => void; reject: (error: unknown) => void }>();
   for (const layer of queue) {
     let resolve!: () => void;

@@ -104,48 +104,65 @@ describe("end to end against the distribution registry", { skip }, () => {
     });
   }
 
+  /** Layers where the upper one removes or replaces four files of the lower one, and a hardlink to one of them survives. */
+  const hidingLayers = (base: TarEntrySpec[]): TarEntrySpec[][] => [
+    [
+      ...base,
+      { path: "doc/", type: "dir" },
+      { path: "doc/a", content: "a\n" },
+      { path: "doc/b", content: "b\n" },
+      { path: "bin/tool", content: "old\n" },
+      { path: "lib/libx", content: "library\n", mode: 0o755 },
+      { path: "lib/liby", type: "hardlink", linkname: "lib/libx" },
+    ],
+    [{ path: ".wh.doc", content: "" }, { path: "bin/tool", content: "new\n" }, { path: "lib/.wh.libx", content: "" }],
+  ];
+
+  /** Stages an image into a new directory and returns it with the `hidden` count of each layer event. */
+  const stageCounting = async (image: string, cacheDir: string, flags: string[] = []) => {
+    const target = path.join(tempDir("hidden"), "rootfs");
+    const run = await runCliProcess(["stage", image, target, "--cache", cacheDir, "--json", ...flags]);
+    assert.equal(run.code, 0, run.stderr);
+    const events = run.stderr.trim().split("\n").map((line) => JSON.parse(line));
+    return { target, hidden: events.filter((event) => event.type === "layer").map((event) => event.hidden) };
+  };
+
+  // Directories without an entry of their own get the time of the stage as mtime.
+  const comparable = (dir: string) =>
+    [...snapshotTree(dir)].map(([name, { ino: _ino, mtime, ...entry }]) => [name, { ...entry, mtime: entry.type === "dir" ? 0 : mtime }]);
+
   test("stage records changes, then leaves out hidden files", async () => {
-    const layers: TarEntrySpec[][] = [
-      [
-        { path: "doc/", type: "dir" },
-        { path: "doc/a", content: "a\n" },
-        { path: "doc/b", content: "b\n" },
-        { path: "bin/tool", content: "old\n" },
-        { path: "lib/libx", content: "library\n", mode: 0o755 },
-        { path: "lib/liby", type: "hardlink", linkname: "lib/libx" },
-      ],
-      [{ path: ".wh.doc", content: "" }, { path: "bin/tool", content: "new\n" }, { path: "lib/.wh.libx", content: "" }],
-    ];
-    await pushLayers(registry, "hidden/files", "v1", layers, ["gzip"], "oci");
+    await pushLayers(registry, "hidden/small", "v1", hidingLayers([]), ["gzip"], "oci");
+    const image = `${registry.host}/hidden/small:v1`;
     const ownCache = tempDir("hidden-cache");
-    const stageWith = async (flags: string[]) => {
-      const target = path.join(tempDir("hidden"), "rootfs");
-      const run = await runCliProcess(["stage", `${registry.host}/hidden/files:v1`, target, "--cache", ownCache, "--json", ...flags]);
-      assert.equal(run.code, 0, run.stderr);
-      const events = run.stderr.trim().split("\n").map((line) => JSON.parse(line));
-      const hidden = events.filter((event) => event.type === "layer").map((event) => event.hidden);
-      return { target, hidden };
-    };
 
-    const first = await stageWith([]);
-    assert.deepEqual(first.hidden, [0, 0], "without records every file is written");
-    const records = fs.readdirSync(path.join(ownCache, "changes", "sha256"));
-    assert.equal(records.length, 2, "the changes of both layers are recorded");
+    const first = await stageCounting(image, ownCache);
+    assert.deepEqual(first.hidden, [0, 0], "a top layer that is not small against the base is not read ahead");
+    assert.equal(fs.readdirSync(path.join(ownCache, "changes", "sha256")).length, 2, "the changes of both layers are recorded");
 
-    const second = await stageWith([]);
+    const second = await stageCounting(image, ownCache);
     assert.deepEqual(second.hidden, [4, 0]);
-    const written = await stageWith(["--write-hidden"]);
+    const written = await stageCounting(image, ownCache, ["--write-hidden"]);
     assert.deepEqual(written.hidden, [0, 0]);
 
-    // Directories without an entry of their own get the time of the stage as mtime.
-    const comparable = (dir: string) =>
-      [...snapshotTree(dir)].map(([name, { ino: _ino, mtime, ...entry }]) => [name, { ...entry, mtime: entry.type === "dir" ? 0 : mtime }]);
     assert.deepEqual(comparable(first.target), comparable(written.target));
     assert.deepEqual(comparable(second.target), comparable(written.target));
-    assert.deepEqual(fs.readdirSync(first.target).sort(), ["bin", "lib"]);
-    assert.equal(fs.readFileSync(path.join(first.target, "bin/tool"), "utf8"), "new\n");
-    assert.equal(fs.readFileSync(path.join(first.target, "lib/liby"), "utf8"), "library\n");
-    assert.equal(fs.statSync(path.join(first.target, "lib/liby")).mode & 0o777, 0o755);
+    assert.deepEqual(fs.readdirSync(second.target).sort(), ["bin", "lib"]);
+    assert.equal(fs.readFileSync(path.join(second.target, "bin/tool"), "utf8"), "new\n");
+    assert.equal(fs.readFileSync(path.join(second.target, "lib/liby"), "utf8"), "library\n");
+    assert.equal(fs.statSync(path.join(second.target, "lib/liby")).mode & 0o777, 0o755);
+  });
+
+  test("stage reads a small top layer ahead", async () => {
+    // Random bytes keep the base layer's blob large against the top layer's.
+    const noise = crypto.getRandomValues(new Uint8Array(32 * 1024));
+    await pushLayers(registry, "hidden/large", "v1", hidingLayers([{ path: "noise", content: noise }]), ["gzip"], "oci");
+    const image = `${registry.host}/hidden/large:v1`;
+
+    const first = await stageCounting(image, tempDir("ahead-cache"));
+    assert.deepEqual(first.hidden, [4, 0]);
+    const written = await stageCounting(image, tempDir("ahead-written"), ["--write-hidden"]);
+    assert.deepEqual(comparable(first.target), comparable(written.target));
   });
 
   test("stage picks the platform from a multi-platform index", async () => {

@@ -52,9 +52,10 @@
  *   upper layers): a file that an upper layer removes or replaces is not
  *   written, and neither is a hardlink to such a file when the link is
  *   hidden too. What the file would have replaced is still removed, and
- *   whiteouts of its own layer spare its path. A hardlink that survives
- *   and points to a left-out file gets an empty file, filled after its
- *   layer by reading the layer that contains the content once more.
+ *   whiteouts of its own layer spare its path. When a hardlink that is
+ *   written points to a left-out file, the file is written back at its
+ *   path, and its content is filled in after the current layer by reading
+ *   the layer that contains it once more.
  *   Directories and symlinks are always written, and so is any entry below
  *   a path where a symlink or hardlink was created, because its real path
  *   may differ from its name. The result is the same tree. One difference:
@@ -299,6 +300,9 @@ class RootTree {
   readonly leftOut = new LeftOutFiles();
   /** Opens the tar stream of a layer again, by layer index. */
   readonly reopen = new Map<number, () => ReadableStream<Uint8Array>>();
+  /** Files written back for left-out content that a hardlink needs, by `layer:entry` of the content, and by path. */
+  readonly placeholders = new Map<string, Placeholder>();
+  readonly placeholderAt = new Map<string, Placeholder>();
 
   constructor(root: string, owners: boolean) {
     this.root = root;
@@ -479,9 +483,6 @@ class LayerWriter implements TarHandler {
   readonly #recorder?: ChangeRecorder;
   /** Whether hidden entries are left out in this layer. */
   readonly #leaveOut: boolean;
-  /** Files that stand in for left-out content, by `layer:entry` of the content. */
-  readonly #placeholders = new Map<string, Placeholder>();
-  readonly #placeholderAt = new Map<string, Placeholder>();
   /** Resolved paths this layer wrote, and every ancestor of them. */
   readonly #written = new Set<string>();
   readonly #writtenAncestors = new Set<string>();
@@ -499,7 +500,7 @@ class LayerWriter implements TarHandler {
     this.#info = info;
     this.#hidden = hidden;
     const index = info.index ?? -1;
-    this.#leaveOut = hidden !== undefined && hidden.covers(index);
+    this.#leaveOut = hidden !== undefined && index >= 0;
   }
 
   entry(header: TarHeader): void {
@@ -704,40 +705,44 @@ class LayerWriter implements TarHandler {
   }
 
   /**
-   * Creates a hardlink whose target was left out: an empty file that gets
-   * the target's content from {@linkcode fillPlaceholders}, or a link to the
-   * file already created for the same content.
+   * Writes a left-out file back at its path, because a hardlink needs it:
+   * as a link to a file already written back for the same content, which
+   * shares the inode as the left-out file would, or else as an empty file
+   * that {@linkcode fillPlaceholders} fills.
    */
-  #writePlaceholder(path: string, source: ContentSource): void {
+  #writeBack(path: string, source: ContentSource): void {
+    const tree = this.#tree;
     const key = `${source.layer}:${source.entry}`;
-    const absolute = this.#tree.absolute(path);
-    let placeholder = this.#placeholders.get(key);
+    const absolute = tree.absolute(path);
+    let placeholder = tree.placeholders.get(key);
     const peer = placeholder?.paths[0];
     if (peer === undefined) {
       this.#replace(path, () => fs.closeSync(fs.openSync(absolute, OPEN_NEW, 0o600)));
     } else if (peer !== path) {
-      this.#replace(path, () => fs.linkSync(this.#tree.absolute(peer), absolute));
+      this.#replace(path, () => fs.linkSync(tree.absolute(peer), absolute));
     }
     if (placeholder === undefined) {
-      placeholder = { source, paths: [] };
-      this.#placeholders.set(key, placeholder);
+      placeholder = { source, paths: [], filled: false };
+      tree.placeholders.set(key, placeholder);
     }
     this.#addPlaceholderPath(placeholder, path);
+    tree.leftOut.delete(path);
   }
 
   #addPlaceholderPath(placeholder: Placeholder, path: string): void {
     if (!placeholder.paths.includes(path)) placeholder.paths.push(path);
-    this.#placeholderAt.set(path, placeholder);
+    this.#tree.placeholderAt.set(path, placeholder);
   }
 
   /** Forgets left-out files and placeholders at or below a path that was removed. */
   #forgetRemoved(path: string, directory: boolean): void {
     this.#tree.leftOut.deleteBelow(path);
-    if (this.#placeholderAt.size === 0) return;
-    for (const [key, placeholder] of this.#placeholderAt) {
+    const placeholderAt = this.#tree.placeholderAt;
+    if (placeholderAt.size === 0) return;
+    for (const [key, placeholder] of placeholderAt) {
       if (key !== path && !(directory && key.startsWith(`${path}/`))) continue;
       placeholder.paths.splice(placeholder.paths.indexOf(key), 1);
-      this.#placeholderAt.delete(key);
+      placeholderAt.delete(key);
     }
   }
 
@@ -749,8 +754,10 @@ class LayerWriter implements TarHandler {
    */
   async fillPlaceholders(): Promise<void> {
     const byLayer = new Map<number, Map<number, string>>();
-    for (const { source, paths } of this.#placeholders.values()) {
-      if (paths.length === 0) continue;
+    for (const placeholder of this.#tree.placeholders.values()) {
+      const { source, paths } = placeholder;
+      if (placeholder.filled || paths.length === 0) continue;
+      placeholder.filled = true;
       let needed = byLayer.get(source.layer);
       if (needed === undefined) byLayer.set(source.layer, needed = new Map());
       needed.set(source.entry, paths[0]);
@@ -831,6 +838,7 @@ class LayerWriter implements TarHandler {
   #opaque(parentParts: string[]): void {
     const parent = this.#tree.resolveDirectory(parentParts, "lookup", this.#entry);
     if (parent === undefined) return;
+    this.#tree.leftOut.deleteBelow(parent, this.#info.index ?? Infinity, true);
     for (const child of fs.readdirSync(this.#tree.absolute(parent))) {
       this.#removeLower(parent === "" ? child : `${parent}/${child}`);
     }
@@ -935,12 +943,7 @@ class LayerWriter implements TarHandler {
 
   #writeHardlink(path: string, header: TarHeader, target: string | undefined, source: ContentSource | undefined): void {
     this.#tree.links.add(path);
-    if (source !== undefined) {
-      this.#writePlaceholder(path, source);
-      this.#markWritten(path);
-      this.stats.hardlinks++;
-      return;
-    }
+    if (source !== undefined) this.#writeBack(target!, source);
 
     const stat = target === undefined ? undefined : this.#tree.lstat(target);
     if (stat === undefined || stat.isDirectory()) {
@@ -954,7 +957,7 @@ class LayerWriter implements TarHandler {
       const existing = this.#tree.absolute(target!);
       const absolute = this.#tree.absolute(path);
       this.#replace(path, () => fs.linkSync(existing, absolute));
-      const placeholder = this.#placeholderAt.get(target!);
+      const placeholder = this.#tree.placeholderAt.get(target!);
       if (placeholder !== undefined) this.#addPlaceholderPath(placeholder, path);
     }
     this.#markWritten(path);
@@ -962,10 +965,12 @@ class LayerWriter implements TarHandler {
   }
 }
 
-/** An empty file made for a hardlink whose target was left out, and every path linked to it. */
+/** A left-out file written back for a hardlink, and every path linked to it. */
 interface Placeholder {
   source: ContentSource;
   paths: string[];
+  /** Whether the content has been written. */
+  filled: boolean;
 }
 
 function isUnsupported(error: unknown): boolean {

@@ -204,17 +204,18 @@ interface PathChanges {
  */
 export class HiddenPaths {
   readonly #paths = new Map<string, PathChanges>();
-  /** The highest layer above the lowest whose changes are unknown; -1 when all are known. */
-  readonly #unknown: number = -1;
 
-  /** `changes[i]` contains the changes of layer `i`, or undefined when they are unknown. Layer 0's are not needed. */
+  /**
+   * `changes[i]` contains the changes of layer `i`, or undefined when they
+   * are unknown. Layer 0's are not needed. A layer with unknown changes
+   * hides nothing here, so fewer files are left out. The applier handles
+   * what such a layer does to a left-out file (a hardlink to it, a
+   * whiteout) when it applies the layer.
+   */
   constructor(changes: (LayerChanges | undefined)[]) {
     for (let layer = 1; layer < changes.length; layer++) {
       const layerChanges = changes[layer];
-      if (layerChanges === undefined) {
-        this.#unknown = layer;
-        continue;
-      }
+      if (layerChanges === undefined) continue;
       for (const path of layerChanges.whiteouts) this.#at(path).whiteout = layer;
       for (const path of layerChanges.opaque) this.#at(path).opaque = layer;
       for (const path of layerChanges.dirs) this.#at(path).directory = layer;
@@ -223,11 +224,6 @@ export class HiddenPaths {
       for (const [path] of layerChanges.hardlinks) this.#at(path).nonDirectory = layer;
       for (const path of layerChanges.lowerTargets) this.#at(path).linkTarget = layer;
     }
-  }
-
-  /** True when the changes of every layer above `layer` are known, which `hides` needs. */
-  covers(layer: number): boolean {
-    return this.#unknown <= layer;
   }
 
   /**
