@@ -55,9 +55,10 @@ export interface StageOptions extends FetchOptions {
   decodeWorker?: boolean;
   /**
    * Write every entry, also the files that an upper layer removes or
-   * replaces. By default those are left out when the cache has a record of
-   * every upper layer's changes, which each stage writes for the layers it
-   * applies. Default false.
+   * replaces. By default those are left out. They are found from the
+   * records of the layers' changes that each stage writes into the cache,
+   * and on a first stage from a top layer that is small against the layers
+   * below it, read ahead. Default false.
    */
   writeHidden?: boolean;
 }

@@ -119,9 +119,10 @@ writable, and nothing is written outside DIR.
                                 about 20% faster, with up to about 90 MiB
                                 more memory; no speed gain on Node and Bun
   --write-hidden                also write the files that an upper layer
-                                removes or replaces (by default they are
-                                left out once the cache has a record of
-                                each layer's changes from an earlier stage)
+                                removes or replaces; by default they are
+                                left out, found from the layers' changes
+                                that earlier stages recorded in the cache
+                                and from a small top layer read ahead
 
 ${SOURCES}${COMMON}`,
   export: `Usage: ocistage export IMAGE|ELEMENT [-o FILE] [options]
