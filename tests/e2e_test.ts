@@ -145,6 +145,16 @@ describe("end to end against the distribution registry", { skip }, () => {
     const written = await stageCounting(image, ownCache, ["--write-hidden"]);
     assert.deepEqual(written.hidden, [0, 0]);
 
+    // A damaged record is not trusted, and the next stage writes it again.
+    const recordDir = path.join(ownCache, "changes", "sha256");
+    for (const name of fs.readdirSync(recordDir)) fs.writeFileSync(path.join(recordDir, name), '{"files":[');
+    const damaged = await stageCounting(image, ownCache);
+    assert.deepEqual(damaged.hidden, [0, 0]);
+    const repaired = await stageCounting(image, ownCache);
+    assert.deepEqual(repaired.hidden, [4, 0]);
+    assert.deepEqual(comparable(damaged.target), comparable(written.target));
+    assert.deepEqual(comparable(repaired.target), comparable(written.target));
+
     assert.deepEqual(comparable(first.target), comparable(written.target));
     assert.deepEqual(comparable(second.target), comparable(written.target));
     assert.deepEqual(fs.readdirSync(second.target).sort(), ["bin", "lib"]);
