@@ -25,7 +25,8 @@ import * as path from "node:path";
 import * as os from "node:os";
 import { checkContent, createSha256, type Digest, type HasherBackend, parseDigest, type Sha256 } from "./digest.ts";
 import { DigestMismatchError } from "./errors.ts";
-import { type LayerChanges, parseLayerChanges } from "./layer/changes.ts";
+import { createHash } from "node:crypto";
+import { type LayerChanges, toLayerChanges } from "./layer/changes.ts";
 
 /** A content descriptor as in the OCI image spec. */
 export interface BlobDescriptor {
@@ -345,15 +346,22 @@ export class BlobCache {
     }
   }
 
-  /** Return the recorded changes of a layer blob, or undefined when none are recorded or the record is damaged. */
+  /**
+   * Return the recorded changes of a layer blob, or undefined when none are
+   * recorded or the record is damaged: of another format version, for
+   * another blob, or with changes that do not match its checksum.
+   */
   readChanges(digest: Digest): LayerChanges | undefined {
-    let text: string;
+    let record: { version?: unknown; layer?: unknown; sha256?: unknown; changes?: unknown };
     try {
-      text = fs.readFileSync(this.#changesPath(digest), "utf8");
+      record = JSON.parse(fs.readFileSync(this.#changesPath(digest), "utf8"));
     } catch {
       return undefined;
     }
-    return parseLayerChanges(text);
+    if (record?.version !== CHANGES_VERSION || record.layer !== digest) return undefined;
+    const changes = toLayerChanges(record.changes);
+    if (changes === undefined || record.sha256 !== changesChecksum(changes)) return undefined;
+    return changes;
   }
 
   /**
@@ -364,7 +372,8 @@ export class BlobCache {
     const file = this.#changesPath(digest);
     try {
       fs.mkdirSync(path.dirname(file), { recursive: true });
-      writeFileAtomic(file, JSON.stringify(changes));
+      const record = { version: CHANGES_VERSION, layer: digest, sha256: changesChecksum(changes), changes };
+      writeFileAtomic(file, JSON.stringify(record));
     } catch {
       // The record only saves reading the layer again.
     }
@@ -403,6 +412,15 @@ export class BlobCache {
   findManifest(name: string): BlobDescriptor | undefined {
     return this.listManifests().find((entry) => entry.annotations?.[REF_NAME] === name);
   }
+}
+
+/** Format version of change records; a record of another version is read again from its layer. */
+const CHANGES_VERSION = 1;
+
+/** Returns the sha256 of the JSON text of `changes`, which a change record carries to catch edits and damage. */
+function changesChecksum(changes: LayerChanges): string {
+  const { dirs, files, symlinks, hardlinks, lowerTargets, whiteouts, opaque } = changes;
+  return createHash("sha256").update(JSON.stringify([dirs, files, symlinks, hardlinks, lowerTargets, whiteouts, opaque])).digest("hex");
 }
 
 function indexJson(manifests: BlobDescriptor[]): string {

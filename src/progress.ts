@@ -55,7 +55,7 @@ export interface LayerEvent {
   read: number;
   total: number;
   done: boolean;
-  /** On the final event: files and hardlinks left out because an upper layer removes or replaces them. */
+  /** On the final event: files and hardlinks left out because an upper layer removes or replaces them (`LayerStats.hidden`). */
   hidden?: number;
 }
 

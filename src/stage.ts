@@ -227,7 +227,7 @@ export async function stage(image: string | ImageReference, target: string, opti
         const hiddenPaths = await hidden;
         const reopen = () => openedOnRead(open);
         let stats: LayerStats;
-        const record = options.writeHidden || cache.readChanges(layer.digest) ? undefined : new ChangeRecorder();
+        const record = cache.readChanges(layer.digest) ? undefined : new ChangeRecorder();
         try {
           stats = await applier.applyLayer(tar, { digest: layer.digest, index }, hiddenPaths ? { hidden: hiddenPaths, reopen, record } : { record });
         } catch (error) {

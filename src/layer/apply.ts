@@ -139,7 +139,11 @@ export interface LayerStats {
   dropped: number;
   /** Bytes of file content written. */
   bytes: number;
-  /** Files and hardlinks left out because a layer above removes or replaces them. */
+  /**
+   * Files and hardlinks left out because a layer above removes or replaces
+   * them. A file that a hardlink of a later layer needs is written back
+   * then, and stays in this count.
+   */
   hidden: number;
 }
 
@@ -404,6 +408,8 @@ class RootTree {
     const stat = this.lstat(path);
     if (stat === undefined) {
       if (missing === "lookup") return undefined;
+      // A left-out file is a file all the same: nothing can be written below it.
+      if (this.leftOut.size > 0 && this.leftOut.get(path) !== undefined) throw belowFile(path, entry);
       if (missing === "require") {
         throw new LayerError(
           `parent directory ${quoteName(`/${path}`)} of entry ${quoteName(entry)} does not exist in the image: the layer refers to a missing path`,
@@ -436,11 +442,15 @@ class RootTree {
     }
 
     if (missing === "lookup") return undefined;
-    throw new LayerError(
-      `parent ${quoteName(`/${path}`)} of entry ${quoteName(entry)} is not a directory: the layer writes below a file`,
-      { entry },
-    );
+    throw belowFile(path, entry);
   }
+}
+
+function belowFile(path: string, entry: string): LayerError {
+  return new LayerError(
+    `parent ${quoteName(`/${path}`)} of entry ${quoteName(entry)} is not a directory: the layer writes below a file`,
+    { entry },
+  );
 }
 
 /** Largest uid and gid that chown applies. `0xffffffff` is -1 to chown, which means "leave unchanged". */
@@ -727,6 +737,8 @@ class LayerWriter implements TarHandler {
     }
     this.#addPlaceholderPath(placeholder, path);
     tree.leftOut.delete(path);
+    // The count is of files not written; one left out by an earlier layer stays in that layer's count.
+    if (source.layer === this.#info.index) this.stats.hidden--;
   }
 
   #addPlaceholderPath(placeholder: Placeholder, path: string): void {

@@ -153,13 +153,17 @@ export async function readLayerChanges(tar: ReadableStream<Uint8Array>): Promise
  * again from the layer instead of trusted.
  */
 export function parseLayerChanges(text: string): LayerChanges | undefined {
-  let value: Record<string, unknown>;
   try {
-    value = JSON.parse(text);
+    return toLayerChanges(JSON.parse(text));
   } catch {
     return undefined;
   }
-  if (typeof value !== "object" || value === null) return undefined;
+}
+
+/** Returns `value` as {@linkcode LayerChanges} when it has that shape, else undefined. */
+export function toLayerChanges(input: unknown): LayerChanges | undefined {
+  if (typeof input !== "object" || input === null) return undefined;
+  const value = input as Record<string, unknown>;
   const strings = (list: unknown): list is string[] => Array.isArray(list) && list.every((item) => typeof item === "string");
   const pairs = (list: unknown): list is [string, string][] =>
     Array.isArray(list) && list.every((item) => Array.isArray(item) && item.length === 2 && strings(item));
