@@ -14,9 +14,9 @@
  * process and no download in it is using the file.
  *
  * `changes/sha256/<hex>.json` records what each layer blob changes (its
- * paths by kind, see `LayerChanges`), read once from the verified blob, so
- * that later stages know which lower entries to leave out without reading
- * the upper layers twice. Other OCI tools ignore this directory.
+ * paths by kind, see `LayerChanges`), written when a stage applies the
+ * verified blob or reads it ahead, so that later stages know which lower
+ * files to leave out. Other OCI tools ignore this directory.
  *
  * @module
  */

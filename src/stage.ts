@@ -57,8 +57,8 @@ export interface StageOptions extends FetchOptions {
    * Write every entry, also the files that an upper layer removes or
    * replaces. By default those are left out. They are found from the
    * records of the layers' changes that each stage writes into the cache,
-   * and on a first stage from a top layer that is small against the layers
-   * below it, read ahead. Default false.
+   * and on a first stage from the upper layers whose blobs are at most an
+   * eighth of the blobs below them, read ahead. Default false.
    */
   writeHidden?: boolean;
 }
@@ -227,7 +227,9 @@ export async function stage(image: string | ImageReference, target: string, opti
         const hiddenPaths = await hidden;
         const reopen = () => openedOnRead(open);
         let stats: LayerStats;
-        const record = cache.readChanges(layer.digest) ? undefined : new ChangeRecorder();
+        // Changes that the plan found, or read ahead, are in the cache already.
+        const known = (await changes[index]) !== undefined || cache.readChanges(layer.digest) !== undefined;
+        const record = known ? undefined : new ChangeRecorder();
         try {
           stats = await applier.applyLayer(tar, { digest: layer.digest, index }, hiddenPaths ? { hidden: hiddenPaths, reopen, record } : { record });
         } catch (error) {
@@ -317,7 +319,7 @@ async function readChangesFromBlob(cache: BlobCache, layer: Descriptor, options:
   let intact = false;
   const tar = decompressBlobFile(cache.blobPath(layer.digest), compressionFromMediaType(layer.mediaType ?? "") ?? "auto", {
     hasher: options.hasher,
-    // A damaged blob is reported, and removed, by the applier. Here its changes are only not trusted.
+    // The applier reports and removes a damaged blob, so here its changes are only left unrecorded.
     onEnd: (received, actual) => {
       intact = received === layer.size && actual === layer.digest;
     },

@@ -63,7 +63,7 @@ test("readLayerChanges() rejects the names that the applier rejects", async () =
   await assert.rejects(readLayerChanges(streamOf(buildTar([marker("etc/.wh..")]))), LayerError);
 });
 
-test("parseLayerChanges() reads what JSON.stringify wrote and refuses other shapes", () => {
+test("parseLayerChanges() rejects other shapes", () => {
   const recorded = changes({ files: ["a\nb"], hardlinks: [["x", "y"]], opaque: [""] });
   assert.deepEqual(parseLayerChanges(JSON.stringify(recorded)), recorded);
   for (const text of ["", "null", "[]", '{"dirs":[]}', JSON.stringify({ ...recorded, files: [1] }), JSON.stringify({ ...recorded, hardlinks: [["x"]] })]) {
@@ -156,7 +156,7 @@ test("HiddenPaths.hides() uses the layers with known changes", () => {
   assert.equal(hidden.hides(["tmp", "x"], 2, noLinks), false);
 });
 
-test("hidden files are not written, and whiteouts find only directories to remove", async () => {
+test("hidden files are not written", async () => {
   const workspace = createWorkspace();
   try {
     const applied = await applyEntries(workspace.root, [
@@ -175,7 +175,7 @@ test("hidden files are not written, and whiteouts find only directories to remov
   }
 });
 
-test("an entry below a left-out file fails as below a written one", async () => {
+test("entry below left-out file fails", async () => {
   const layers = [[file("f", "x"), file("f/x", "y")], [marker(".wh.f")]];
   for (const leaveOut of [false, true]) {
     const workspace = createWorkspace();

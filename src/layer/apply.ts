@@ -80,7 +80,7 @@ import process from "node:process";
 
 import { LayerError } from "../errors.ts";
 import type { EventHandler } from "../progress.ts";
-import { type TarHandler, type TarHeader, TarReader } from "./tar.ts";
+import { readTar, type TarHandler, type TarHeader, type TarReader } from "./tar.ts";
 import { quoteName, splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
 import { type ChangeRecorder, type ContentSource, dropReason, type HiddenPaths, LeftOutFiles } from "./changes.ts";
 
@@ -230,22 +230,13 @@ export class LayerApplier {
     }
     if (reopen !== undefined && info.index !== undefined) this.#tree.reopen.set(info.index, reopen);
     const writer = new LayerWriter(this.#tree, info, hidden, options.record);
-    const reader = new TarReader(writer);
-    const input = tar.getReader();
+    let reader: TarReader;
     try {
-      for (;;) {
-        const { done, value } = await input.read();
-        if (done) break;
-        reader.push(value);
-      }
-      reader.end();
+      reader = await readTar(tar, writer);
     } catch (error) {
       writer.abort();
-      input.cancel(error).catch(() => {});
       if (error instanceof LayerError && error.layer === undefined) error.layer = info.digest;
       throw error;
-    } finally {
-      input.releaseLock();
     }
 
     try {
@@ -527,10 +518,7 @@ class LayerWriter implements TarHandler {
   body(chunk: Uint8Array): void {
     if (this.#fd === undefined) return;
     try {
-      let written = 0;
-      while (written < chunk.length) {
-        written += fs.writeSync(this.#fd, chunk, written, chunk.length - written);
-      }
+      writeAll(this.#fd, chunk);
       this.stats.bytes += chunk.length;
     } catch (error) {
       throw this.#wrap(error);
@@ -544,10 +532,7 @@ class LayerWriter implements TarHandler {
     this.#fd = undefined;
     this.#file = undefined;
     try {
-      // chown before chmod, because chown clears the setuid and setgid bits.
-      if (this.#tree.owners) fs.fchownSync(fd, header.uid, header.gid);
-      fs.fchmodSync(fd, header.mode | 0o400);
-      fs.futimesSync(fd, header.mtime, header.mtime);
+      setFileMetadata(fd, header, this.#tree.owners);
     } catch (error) {
       throw this.#wrap(error);
     } finally {
@@ -615,7 +600,7 @@ class LayerWriter implements TarHandler {
     if (this.#tree.owners) checkOwner(header);
     const parent = this.#tree.resolveDirectory(parts.slice(0, -1), "create", header.name)!;
     const path = parent === "" ? base : `${parent}/${base}`;
-    const link = header.type === "hardlink" ? this.#leftOutTarget(header) : undefined;
+    const link = header.type === "hardlink" ? this.#resolveLinkTarget(header) : undefined;
     if (this.#leaveOut && this.#isHidden(header, parts, path, link?.source)) {
       this.stats.hidden++;
       return;
@@ -681,10 +666,12 @@ class LayerWriter implements TarHandler {
    */
   #isHidden(header: TarHeader, parts: string[], path: string, linkSource: ContentSource | undefined): boolean {
     const index = this.#info.index!;
-    const source = header.type === "file" ? { layer: index, entry: this.stats.entries } : header.type === "hardlink" ? linkSource : undefined;
+    let source: ContentSource | undefined;
+    if (header.type === "file") source = { layer: index, entry: this.stats.entries };
+    else if (header.type === "hardlink") source = linkSource;
     if (source === undefined || !this.#hidden!.hides(parts, index, this.#tree.isLink)) return false;
     // What the entry would have replaced goes all the same: a directory
-    // there may hold what no upper layer removes.
+    // there may contain what no upper layer removes.
     const stat = this.#tree.lstat(path);
     if (stat !== undefined) this.#remove(path, stat);
     this.#tree.leftOut.deleteBelow(path);
@@ -699,7 +686,7 @@ class LayerWriter implements TarHandler {
    * (undefined when a directory on the way is missing) and, when the file
    * there was left out, where its content is.
    */
-  #leftOutTarget(header: TarHeader): { target?: string; source?: ContentSource } {
+  #resolveLinkTarget(header: TarHeader): { target?: string; source?: ContentSource } {
     const targetParts = splitName(header.linkname, header.name, "link target");
     if (targetParts.length === 0) {
       throw new LayerError(`hardlink ${quoteName(header.name)} points to the root directory: the layer is malformed`, {
@@ -783,7 +770,7 @@ class LayerWriter implements TarHandler {
     let fd: number | undefined;
     let source: TarHeader | undefined;
     const tree = this.#tree;
-    const reader = new TarReader({
+    const handler: TarHandler = {
       entry: (header) => {
         ordinal++;
         const path = needed.get(ordinal);
@@ -794,8 +781,7 @@ class LayerWriter implements TarHandler {
       },
       body: (chunk) => {
         if (fd === undefined) return;
-        let written = 0;
-        while (written < chunk.length) written += fs.writeSync(fd, chunk, written, chunk.length - written);
+        writeAll(fd, chunk);
         this.stats.bytes += chunk.length;
       },
       entryEnd: () => {
@@ -803,29 +789,18 @@ class LayerWriter implements TarHandler {
         const file = fd;
         fd = undefined;
         try {
-          // chown before chmod, because chown clears the setuid and setgid bits.
-          if (tree.owners) fs.fchownSync(file, source!.uid, source!.gid);
-          fs.fchmodSync(file, source!.mode | 0o400);
-          fs.futimesSync(file, source!.mtime, source!.mtime);
+          setFileMetadata(file, source!, tree.owners);
         } finally {
           fs.closeSync(file);
         }
       },
-    });
+    };
 
-    const input = tar.getReader();
     try {
-      for (;;) {
-        const { done, value } = await input.read();
-        if (done) break;
-        reader.push(value);
-      }
-      reader.end();
+      await readTar(tar, handler);
     } catch (error) {
-      input.cancel(error).catch(() => {});
       throw this.#wrap(error);
     } finally {
-      input.releaseLock();
       if (fd !== undefined) fs.closeSync(fd);
     }
   }
@@ -975,6 +950,20 @@ class LayerWriter implements TarHandler {
     this.#markWritten(path);
     this.stats.hardlinks++;
   }
+}
+
+/** Writes all of `chunk` to the open file `fd`. */
+function writeAll(fd: number, chunk: Uint8Array): void {
+  let written = 0;
+  while (written < chunk.length) written += fs.writeSync(fd, chunk, written, chunk.length - written);
+}
+
+/** Sets the owner (with `owners`), mode and mtime of a file entry on its open file, adding owner read to the mode. */
+function setFileMetadata(fd: number, header: TarHeader, owners: boolean): void {
+  // chown before chmod, because chown clears the setuid and setgid bits.
+  if (owners) fs.fchownSync(fd, header.uid, header.gid);
+  fs.fchmodSync(fd, header.mode | 0o400);
+  fs.futimesSync(fd, header.mtime, header.mtime);
 }
 
 /** A left-out file written back for a hardlink, and every path linked to it. */

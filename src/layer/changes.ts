@@ -15,7 +15,7 @@
  */
 
 import { LayerError } from "../errors.ts";
-import { type TarHandler, type TarHeader, TarReader } from "./tar.ts";
+import { readTar, type TarHandler, type TarHeader } from "./tar.ts";
 import { quoteName, splitName, whiteoutKind, whiteoutTarget } from "./names.ts";
 
 /**
@@ -32,7 +32,7 @@ export interface LayerChanges {
   symlinks: string[];
   /** Hardlink entries as `[path, target]`. */
   hardlinks: [string, string][];
-  /** Targets of the hardlinks whose target this layer had not written before the link, so lies in a lower layer. */
+  /** Targets of the hardlinks whose target this layer had not written before the link, so it lies in a lower layer. */
   lowerTargets: string[];
   /** Paths that `.wh.NAME` markers remove. */
   whiteouts: string[];
@@ -129,21 +129,7 @@ export class ChangeRecorder implements TarHandler {
 /** Reads a layer's uncompressed tar stream to its end and returns its changes. */
 export async function readLayerChanges(tar: ReadableStream<Uint8Array>): Promise<LayerChanges> {
   const recorder = new ChangeRecorder();
-  const reader = new TarReader(recorder);
-  const input = tar.getReader();
-  try {
-    for (;;) {
-      const { done, value } = await input.read();
-      if (done) break;
-      reader.push(value);
-    }
-    reader.end();
-  } catch (error) {
-    input.cancel(error).catch(() => {});
-    throw error;
-  } finally {
-    input.releaseLock();
-  }
+  await readTar(tar, recorder);
   return recorder.changes;
 }
 
@@ -194,7 +180,7 @@ interface PathChanges {
 /**
  * The files of lower layers that upper layers hide: removed by a whiteout
  * or an opaque marker, or replaced by a directory or a newer non-directory.
- * Built from the changes of every layer but the lowest.
+ * Built from the known changes of the layers above the lowest.
  *
  * `hides` decides from names alone. It is exact only while every directory
  * on the path is a real directory, so the caller passes the paths where

@@ -554,3 +554,27 @@ function parsePax(data: Uint8Array, offset: number): Map<string, Uint8Array> {
   }
   return records;
 }
+
+/**
+ * Reads a tar stream to its end through a new {@linkcode TarReader} and
+ * returns the reader. On an error of the stream or the handler, cancels the
+ * rest of the stream and throws the error.
+ */
+export async function readTar(tar: ReadableStream<Uint8Array>, handler: TarHandler): Promise<TarReader> {
+  const reader = new TarReader(handler);
+  const input = tar.getReader();
+  try {
+    for (;;) {
+      const { done, value } = await input.read();
+      if (done) break;
+      reader.push(value);
+    }
+    reader.end();
+  } catch (error) {
+    input.cancel(error).catch(() => {});
+    throw error;
+  } finally {
+    input.releaseLock();
+  }
+  return reader;
+}
